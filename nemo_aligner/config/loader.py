@@ -1,0 +1,43 @@
+"""Merge a Hydra/OmegaConf config onto its typed schema and fail early, naming the key."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+def load_config(schema: type[T], raw: DictConfig | dict[str, Any]) -> T:
+    """Validate `raw` against the dataclass `schema` and return a typed instance.
+
+    The YAML is merged onto the structured schema in struct mode, so an unknown key, a wrong
+    type or a value outside an enum fails with the full key and the allowed values; then each
+    dataclass's `__post_init__` checks values that span fields.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).split("\n")[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        return f"unknown config key '{key}' ({msg}); check its spelling against the shipped YAML"
+    return f"invalid config value for '{key}': {msg}" if key else msg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The fully resolved config as YAML, for the log directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

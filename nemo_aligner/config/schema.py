@@ -1,0 +1,156 @@
+"""Typed schema of the Hydra config sections every entry script shares.
+
+Each dataclass mirrors one YAML section with NeMo-Aligner's key names. The shipped YAML files
+list every key (a test checks that), the YAML is merged onto these dataclasses in struct mode so
+an unknown key fails, and `__post_init__` checks values that span fields.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class Precision(enum.Enum):
+    """Training precision: bf16 mixed precision (fp32 master weights and reductions) or fp32."""
+
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class EngineName(enum.Enum):
+    """Which engine builds and parallelises the network."""
+
+    torch_native = "torch_native"
+    megatron = "megatron"
+
+
+class OptimizerName(enum.Enum):
+    adamw = "adamw"
+
+
+class SchedulerName(enum.Enum):
+    CosineAnnealing = "CosineAnnealing"
+    Constant = "Constant"
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule: linear warm-up, optional constant hold, cosine decay to min_lr."""
+
+    name: SchedulerName = SchedulerName.CosineAnnealing
+    warmup_steps: int = 0  # linear ramp from 0 to lr over this many steps
+    constant_steps: int = 0  # steps held at lr after warm-up before the decay starts
+    min_lr: float = 0.0  # the floor the cosine decays to (at trainer max_steps)
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "model.optim.sched.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.constant_steps >= 0, "model.optim.sched.constant_steps", self.constant_steps, ">= 0")
+        _require(self.min_lr >= 0, "model.optim.sched.min_lr", self.min_lr, ">= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyper-parameters (fused kernels on GPU). Weight decay skips 1-D params (norms, biases)."""
+
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    sched: SchedConfig = field(default_factory=SchedConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "model.optim.lr", self.lr, "> 0")
+        _require(self.sched.min_lr <= self.lr, "model.optim.sched.min_lr", self.sched.min_lr, f"<= model.optim.lr ({self.lr})")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "model.optim.betas", self.betas, "two values in [0, 1)")
+
+
+@dataclass
+class PretrainedCheckpointConfig:
+    """Where the initial weights come from: a local Hugging Face directory, or a config for random init."""
+
+    restore_from_path: Optional[str] = None  # HF model directory (config.json + safetensors + tokenizer)
+    model_config: Optional[dict[str, Any]] = None  # HF config kwargs incl. model_type, for random init
+    tokenizer_path: Optional[str] = None  # tokenizer directory when it is not restore_from_path
+
+    def __post_init__(self) -> None:
+        if (self.restore_from_path is None) == (self.model_config is None):
+            raise ValueError(
+                "exactly one of pretrained_checkpoint.restore_from_path (an HF model directory) and "
+                "pretrained_checkpoint.model_config (an HF config for random init) must be set; got "
+                f"restore_from_path={self.restore_from_path!r}, model_config={self.model_config!r}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """The policy network, its parallel layout, batch sizes and optimizer."""
+
+    engine: EngineName = EngineName.torch_native
+    micro_batch_size: int = 1  # sequences per forward/backward on one data-parallel rank
+    global_batch_size: int = 8  # sequences per optimizer step over all ranks
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    encoder_seq_length: int = 4096  # the longest sequence (prompt + response) the model is fed
+    seed: int = 1234
+    log_prob_chunk_size: int = 1024  # tokens per fp32 log-softmax chunk (bounds [tokens x vocab] memory)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
+                    "pipeline_model_parallel_size", "encoder_seq_length", "log_prob_chunk_size"):
+            _require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), ">= 1")
+        if self.engine is EngineName.torch_native and self.pipeline_model_parallel_size != 1:
+            raise ValueError(
+                "model.pipeline_model_parallel_size="
+                f"{self.pipeline_model_parallel_size} needs model.engine=megatron; the torch_native "
+                "engine supports data and tensor parallelism only (set it to 1)"
+            )
+
+
+@dataclass
+class TrainerConfig:
+    """Devices and precision. Each algorithm adds its own loop section (trainer.dpo, ...)."""
+
+    devices: int = 1  # processes per node; must match torchrun --nproc_per_node
+    num_nodes: int = 1
+    precision: Precision = Precision.bf16
+
+
+@dataclass
+class CheckpointCallbackParams:
+    """Which checkpoints are kept: the save_top_k best by `monitor`, plus always the latest."""
+
+    save_top_k: int = 2
+    monitor: str = "val_loss"  # a validation metric name
+    mode: str = "min"  # min | max
+    save_nemo_on_train_end: bool = True  # NeMo's name: export a Hugging Face model at the end
+
+    def __post_init__(self) -> None:
+        _require(self.save_top_k >= 1, "exp_manager.checkpoint_callback_params.save_top_k", self.save_top_k, ">= 1")
+        _require(self.mode in ("min", "max"), "exp_manager.checkpoint_callback_params.mode", self.mode, "one of [min, max]")
+
+
+@dataclass
+class WandbLoggerKwargs:
+    project: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class ExpManagerConfig:
+    """Where logs and checkpoints go and which metric loggers are on."""
+
+    explicit_log_dir: str = "results"
+    resume_if_exists: bool = True
+    checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
+    create_tensorboard_logger: bool = True
+    create_wandb_logger: bool = False
+    wandb_logger_kwargs: WandbLoggerKwargs = field(default_factory=WandbLoggerKwargs)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: it must be {allowed}")

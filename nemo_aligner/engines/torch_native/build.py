@@ -1,0 +1,127 @@
+"""Build a Hugging Face causal LM from a local directory or a config, never touching a hub.
+
+The network is created with parameters on `meta` (buffers real, e.g. rotary tables), so it
+can be parallelised before any weight memory exists; rank 0 alone reads (or randomly inits)
+the full weights, which are then broadcast shard by shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Families whose decoder layers use q/k/v/o and gate/up/down projections (tensor_parallel.py's plan).
+TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] | None) -> PretrainedConfig:
+    """The model's HF config, from `restore_from_path/config.json` or from a dict with `model_type`."""
+    if restore_from_path is not None:
+        _check_model_dir(restore_from_path)
+        return AutoConfig.from_pretrained(restore_from_path, local_files_only=True)
+    assert model_config is not None
+    kwargs = dict(model_config)
+    if "model_type" not in kwargs:
+        raise ValueError("pretrained_checkpoint.model_config needs a 'model_type' key (e.g. llama, qwen2)")
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def check_tensor_parallel(config: PretrainedConfig, tp: int) -> None:
+    """Fail early, saying what to change, if `tp` cannot split this model's heads or family."""
+    if tp == 1:
+        return
+    if config.model_type not in TP_FAMILIES:
+        raise ValueError(
+            f"model.tensor_model_parallel_size={tp} is not supported for model_type "
+            f"'{config.model_type}'; tensor parallelism supports {list(TP_FAMILIES)} (use 1)"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0 and kv_heads % d == 0]
+        raise ValueError(
+            f"model.tensor_model_parallel_size={tp} must divide num_attention_heads={heads} and "
+            f"num_key_value_heads={kv_heads}; valid sizes for this model: {divisors}"
+        )
+
+
+def build_meta_model(config: PretrainedConfig) -> nn.Module:
+    """The network with every parameter on `meta` and every buffer materialised on CPU."""
+    with _parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def full_state_dict_on_rank0(restore_from_path: str | None, config: PretrainedConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights on rank 0 (read from disk, or random init seeded by `seed`); {} elsewhere.
+
+    Random init happens once on one rank, so every parallel layout starts from the same weights.
+    """
+    if dist.get_rank() != 0:
+        return {}
+    if restore_from_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(restore_from_path, dtype=torch.float32, local_files_only=True)
+        logger.info("loaded weights from %s", restore_from_path)
+    else:
+        with _fork_rng(seed):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        logger.info("random init of %s (seed %d)", config.model_type, seed)
+    return model.state_dict()
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a model (local files only); pad falls back to EOS."""
+    _check_model_dir(path, need_config=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {path} defines no EOS token; generation and response masking need one")
+    return tokenizer
+
+
+def _check_model_dir(path: str, need_config: bool = True) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"model directory '{path}' does not exist or is not a directory; set "
+            "pretrained_checkpoint.restore_from_path to a local Hugging Face model directory"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PermissionError(f"model directory '{path}' is not readable by this user")
+    if need_config and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"'{path}' has no config.json, so it is not a Hugging Face model directory; point "
+            "pretrained_checkpoint.restore_from_path at the folder that holds config.json and *.safetensors"
+        )
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new parameter on `meta`; buffers keep their real values."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _fork_rng(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,183 @@
+"""The torch_native engine: an HF causal LM under FSDP2 + DTensor TP, with its optimizer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from nemo_aligner.config.schema import OptimConfig
+from nemo_aligner.engines.base import Batch, Generations, LengthParams, LossFn, SamplingParams
+from nemo_aligner.engines.torch_native import checkpoint
+from nemo_aligner.engines.torch_native.build import build_meta_model, full_state_dict_on_rank0
+from nemo_aligner.engines.torch_native.generation import generate
+from nemo_aligner.engines.torch_native.optim import build_optimizer, build_scheduler, global_grad_norm, scale_grads_
+from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
+from nemo_aligner.utils.logprobs import logprobs_from_logits
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """The gradient norm is NaN or inf; the optimizer step was skipped and gradients cleared."""
+
+
+class TorchNativeEngine:
+    """Owns the parallel module, optimizer and scheduler; speaks only in batches and tensors."""
+
+    def __init__(
+        self,
+        *,
+        hf_config: PretrainedConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        mesh: DeviceMesh,
+        device: torch.device,
+        restore_from_path: str | None,
+        param_dtype: torch.dtype,
+        seed: int,
+        log_prob_chunk_size: int,
+    ) -> None:
+        self.hf_config = hf_config
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.device = device
+        self.param_dtype = param_dtype
+        self.seed = seed
+        self.log_prob_chunk_size = log_prob_chunk_size
+        self.dp_group = mesh["dp"].get_group()
+        self.tp_group = mesh["tp"].get_group()
+        self.dp_size, self.dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+        self.tp_size, self.tp_rank = mesh["tp"].size(), mesh["tp"].get_local_rank()
+        self.module: nn.Module = build_meta_model(hf_config)
+        self.architecture = type(self.module).__name__
+        parallelize(self.module, mesh, param_dtype=param_dtype)
+        materialize(self.module, device, full_state_dict_on_rank0(restore_from_path, hf_config, seed))
+        self.optimizer: torch.optim.AdamW | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.generation_calls = 0
+        self._offloaded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ----------------------------------------------------------------- training
+    def setup_optimizer(self, cfg: OptimConfig, *, max_steps: int) -> None:
+        self.optimizer = build_optimizer(self.module, cfg, fused=self.device.type == "cuda")
+        self.scheduler = build_scheduler(self.optimizer, cfg, max_steps=max_steps)
+
+    def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn, *, forward_only: bool) -> dict[str, torch.Tensor]:
+        """Run `loss_fn` on each micro-batch's log-probs; accumulate gradients unless forward_only.
+
+        Returns this rank's metric sums (summed over micro-batches), including `loss`.
+        """
+        totals: dict[str, torch.Tensor] = {}
+        for mb in micro_batches:
+            with torch.set_grad_enabled(not forward_only):
+                loss, metrics = loss_fn(self._logprobs(mb), mb)
+            if not forward_only:
+                # FSDP averages gradients over dp ranks; the loss is already a share of the global
+                # mean, so scale back up to make the reduction a sum.
+                (loss * self.dp_size).backward()
+            for name, value in {"loss": loss, **metrics}.items():
+                value = value.detach().float()
+                totals[name] = totals[name] + value if name in totals else value
+        return totals
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """Per-token log-probs [B, T-1] of `batch` (one micro-batch), without gradients."""
+        return self._logprobs(batch)
+
+    def optimizer_step(self, max_grad_norm: float) -> tuple[float, float]:
+        """Clip to `max_grad_norm` (0 disables), step, advance the schedule; returns (grad_norm, lr)."""
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError("setup_optimizer() must be called before optimizer_step()")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grad_norm = float(global_grad_norm(params))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradientError(f"gradient norm is {grad_norm}; the step was not applied")
+        if max_grad_norm > 0 and grad_norm > max_grad_norm:
+            scale_grads_(params, max_grad_norm / (grad_norm + 1e-6))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+    def _logprobs(self, mb: Batch) -> torch.Tensor:
+        input_ids = mb["input_ids"]
+        _check_right_padded(mb["attention_mask"])
+        # Right padding never influences real tokens under causal attention, so no padding mask
+        # is passed: SDPA can take its fused causal kernel.
+        logits = self.module(input_ids=input_ids, use_cache=False).logits
+        vocab_start = 0
+        if isinstance(logits, DTensor):
+            logits = logits.to_local()
+            vocab_start = self.tp_rank * -(-self.hf_config.vocab_size // self.tp_size)
+        return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], tp_group=self.tp_group,
+                                    vocab_start_index=vocab_start, chunk_size=self.log_prob_chunk_size)
+
+    # --------------------------------------------------------------- generation
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
+                 length: LengthParams) -> Generations:
+        """Sample continuations of left-padded prompts; reproducible from (seed, dp rank, call count)."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed * 1_000_003 + self.dp_rank * 7_919 + self.generation_calls)
+        self.generation_calls += 1
+        return generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
+                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                        generator=generator, dp_group=self.dp_group)
+
+    # ---------------------------------------------------------- optimizer offload
+    def offload_optimizer_state(self) -> None:
+        """Copy every optimizer-state tensor to (pinned) CPU memory and free its device storage."""
+        if self._offloaded or self.optimizer is None:
+            return
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                local = value.to_local() if isinstance(value, DTensor) else value
+                if local.device.type != self.device.type or local.untyped_storage().size() == 0:
+                    continue
+                host = local.detach().to("cpu", copy=True)
+                if self.device.type == "cuda":
+                    host = host.pin_memory()
+                self._offloaded.append((local, host))
+                local.untyped_storage().resize_(0)
+
+    def onload_optimizer_state(self) -> None:
+        """Restore what `offload_optimizer_state` moved, bit for bit, into the same tensors."""
+        for local, host in self._offloaded:
+            local.untyped_storage().resize_(host.numel() * host.element_size())
+            local.copy_(host)
+        self._offloaded = []
+
+    # -------------------------------------------------------------- checkpoints
+    def save(self, path: str) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("setup_optimizer() must be called before save()")
+        checkpoint.save_sharded(self.module, self.optimizer, path)
+
+    def load(self, path: str, *, with_optimizer: bool = True) -> None:
+        checkpoint.load_sharded(self.module, self.optimizer if with_optimizer else None, path)
+
+    def export_hf(self, path: str, dtype: torch.dtype = torch.float32) -> None:
+        checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=dtype)
+
+    def state_dict(self) -> dict[str, object]:
+        """Engine-level training state that is not weights: scheduler and generation counter."""
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "generation_calls": self.generation_calls}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])  # type: ignore[arg-type]
+        self.generation_calls = int(state["generation_calls"])  # type: ignore[arg-type]
+
+
+def _check_right_padded(attention_mask: torch.Tensor) -> None:
+    if attention_mask.shape[1] > 1 and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError("training batches must be right-padded (attention_mask 1...1 0...0 per row)")

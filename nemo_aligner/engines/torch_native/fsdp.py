@@ -1,0 +1,36 @@
+"""Data-parallel sharding with FSDP2 (fully_shard), one unit per decoder layer plus the root."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from nemo_aligner.utils.distributed import log_rank0
+
+logger = logging.getLogger(__name__)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, found through HF's own `_no_split_modules` class names."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules match)")
+    return layers
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
+    """Shard parameters, gradients and optimizer state over `dp_mesh`; compute in `param_dtype`.
+
+    Master weights stay fp32; `reduce_dtype` fp32 keeps gradient reductions exact enough for
+    layout parity. Applied even for dp=1 so that precision handling is the same in every layout.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    log_rank0(logger, "applied FSDP2 over %d ranks (param %s, reduce %s)", dp_mesh.size(), param_dtype, reduce_dtype)
