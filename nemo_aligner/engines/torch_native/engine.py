@@ -118,8 +118,12 @@ class TorchNativeEngine:
         if isinstance(logits, DTensor):
             logits = logits.to_local()
             vocab_start = self.tp_rank * -(-self.hf_config.vocab_size // self.tp_size)
-        return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], tp_group=self.tp_group,
-                                    vocab_start_index=vocab_start, chunk_size=self.log_prob_chunk_size)
+        # Score all T positions against labels shifted by one (the last gets a dummy label) and drop
+        # the last afterwards: slicing the logits instead would copy the whole [B, T, V] tensor.
+        labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+        logprobs = logprobs_from_logits(logits, labels, tp_group=self.tp_group, vocab_start_index=vocab_start,
+                                        chunk_size=self.log_prob_chunk_size)
+        return logprobs[:, :-1]
 
     # --------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,

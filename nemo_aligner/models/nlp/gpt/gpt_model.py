@@ -130,6 +130,13 @@ class GPTModel:
     def load(self, path: str, *, with_optimizer: bool = True) -> None:
         self.engine.load(path, with_optimizer=with_optimizer)
 
+    def state_dict(self) -> dict[str, object]:
+        """Non-weight training state (LR scheduler, generation counter), for the checkpoint."""
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.engine.load_state_dict(state)
+
     def export_hf(self, path: str) -> None:
         """Write a Hugging Face model directory (bf16 weights when training in bf16)."""
         self.engine.export_hf(path, torch.bfloat16 if self.precision is Precision.bf16 else torch.float32)

@@ -1,0 +1,167 @@
+"""CheckpointManager: atomic, resumable training checkpoints with top-k rotation.
+
+Layout of `<checkpoint_dir>/step_<N>/`:
+  model/               sharded weights + optimizer state (the engine's DCP checkpoint)
+  extra_state.pt       state dicts of the named Statefuls (scheduler, sampler, ...), rank 0
+  rng/rank_<r>.pt      Python and torch RNG states of each rank
+  trainer_state.json   step, epoch, consumed_samples, monitored metric; written last
+and `<checkpoint_dir>/latest`, a one-line file naming the newest complete step directory.
+Everything is written into `step_<N>.tmp/` and renamed only after every rank finished, and
+`latest` is replaced atomically after that, so a crash mid-save leaves the previous checkpoint
+as `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from typing import Any, Mapping, Protocol
+
+import torch
+import torch.distributed as dist
+
+from nemo_aligner.utils.distributed import barrier, is_rank0, log_rank0
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ShardedSaveable(Protocol):
+    """What the manager needs from the model: collective sharded save and load."""
+
+    def save(self, path: str) -> None: ...
+
+    def load(self, path: str) -> None: ...
+
+
+class CheckpointManager:
+    """Saves and restores model + optimizer + named Statefuls + RNG + trainer state."""
+
+    def __init__(self, checkpoint_dir: str, *, save_top_k: int, monitor: str, mode: str) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
+        self.checkpoint_dir = checkpoint_dir
+        self.save_top_k = save_top_k
+        self.monitor = monitor
+        self.mode = mode
+
+    def save(self, step: int, model: ShardedSaveable, statefuls: Mapping[str, Stateful],
+             trainer_state: dict[str, Any], metric: float | None = None) -> str:
+        """Write checkpoint `step_<step>` collectively; returns its path once it is `latest`."""
+        final = os.path.join(self.checkpoint_dir, f"step_{step}")
+        tmp = final + ".tmp"
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "rng"))
+        barrier()
+        model.save(os.path.join(tmp, "model"))
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
+        if is_rank0():
+            torch.save({name: s.state_dict() for name, s in statefuls.items()}, os.path.join(tmp, "extra_state.pt"))
+        barrier()  # every rank's shards are on disk
+        if is_rank0():
+            state = {**trainer_state, "step": step, "monitor": self.monitor, "metric": metric}
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                json.dump(state, f, indent=2)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_atomically(os.path.join(self.checkpoint_dir, LATEST), os.path.basename(final))
+            self._rotate(keep=os.path.basename(final))
+        barrier()
+        log_rank0(logger, "saved checkpoint %s", final)
+        return final
+
+    def latest(self) -> str | None:
+        """Path of the newest complete checkpoint, or None when there is none."""
+        pointer = os.path.join(self.checkpoint_dir, LATEST)
+        if not os.path.isfile(pointer):
+            return None
+        with open(pointer) as f:
+            path = os.path.join(self.checkpoint_dir, f.read().strip())
+        if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint (no {TRAINER_STATE})")
+        return path
+
+    def load(self, path: str, model: ShardedSaveable, statefuls: Mapping[str, Stateful]) -> dict[str, Any]:
+        """Restore everything `save` wrote into `model` and `statefuls`; returns the trainer state.
+
+        Works across layouts (e.g. saved by 2 ranks, resumed by 1): weights are resharded; a rank
+        with no RNG file of its own takes rank 0's.
+        """
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            trainer_state = json.load(f)
+        model.load(os.path.join(path, "model"))
+        extra = torch.load(os.path.join(path, "extra_state.pt"), weights_only=False)
+        missing = set(statefuls) - set(extra)
+        if missing:
+            raise KeyError(f"checkpoint {path} has no state for {sorted(missing)}")
+        for name, stateful in statefuls.items():
+            stateful.load_state_dict(extra[name])
+        rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
+        if not os.path.isfile(rng_file):
+            rng_file = os.path.join(path, "rng", "rank_0.pt")
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+        log_rank0(logger, "resumed from %s (step %d, consumed_samples %s)", path, trainer_state["step"],
+                  trainer_state.get("consumed_samples"))
+        return trainer_state
+
+    def _rotate(self, keep: str) -> None:
+        """Keep the `save_top_k` best by the monitored metric, plus `keep` (the newest)."""
+        complete = []
+        for name in os.listdir(self.checkpoint_dir):
+            state_file = os.path.join(self.checkpoint_dir, name, TRAINER_STATE)
+            if name.startswith("step_") and os.path.isfile(state_file):
+                with open(state_file) as f:
+                    state = json.load(f)
+                complete.append((name, state["step"], state.get("metric")))
+        sign = 1.0 if self.mode == "min" else -1.0
+
+        def rank(item: tuple[str, int, float | None]) -> tuple[float, int]:
+            metric = item[2]
+            score = sign * metric if metric is not None and math.isfinite(metric) else math.inf
+            return score, -item[1]  # ties and unmeasured checkpoints: newer first
+
+        kept = {name for name, _, _ in sorted(complete, key=rank)[: self.save_top_k]} | {keep}
+        for name, _, _ in complete:
+            if name not in kept:
+                shutil.rmtree(os.path.join(self.checkpoint_dir, name))
+                logger.info("removed checkpoint %s (outside top %d by %s)", name, self.save_top_k, self.monitor)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

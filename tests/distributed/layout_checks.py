@@ -1,0 +1,154 @@
+"""One torchrun launch that records what the layout tests compare (see tests/test_layouts.py).
+
+Phases:
+  single    (1 process): reference losses/grad norms of N steps, log-probs, greedy generations,
+            a checkpoint after K steps (ckpt_1proc), an HF export.
+  parallel  (2 processes): the same steps under DP=2 and under TP=2; DP=2 resumed from
+            ckpt_1proc; TP=2 saving ckpt_2proc after K steps; greedy generation and log-probs
+            under TP=2; the reference-policy swap on sharded parameters; an HF export from TP=2.
+  resume1   (1 process): resumed from ckpt_2proc.
+Every rank computes; rank 0 writes `<workdir>/<phase>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig
+from nemo_aligner.engines.base import LengthParams, SamplingParams
+from nemo_aligner.losses.sft import sft_loss_fn
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
+
+GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 14, 4, 2
+
+
+def build(model_dir: str, tp: int) -> GPTModel:
+    cfg = ModelConfig(micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
+                      seed=7, log_prob_chunk_size=5,
+                      optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
+    model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), precision=Precision.fp32)
+    model.setup_optimizer(max_steps=STEPS)
+    return model
+
+
+def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
+    """The same global batch for a step in every layout: right-padded, first 3 tokens a prompt."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(3, vocab, (GLOBAL_BATCH, SEQ), generator=gen)
+    lengths = torch.randint(6, SEQ + 1, (GLOBAL_BATCH,), generator=gen)
+    attention = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    loss_mask = attention.float()
+    loss_mask[:, :3] = 0
+    return {"input_ids": ids * attention, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def local_slice(model: GPTModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = model.local_batch_size
+    return {k: v[model.dp_rank * n : (model.dp_rank + 1) * n] for k, v in batch.items()}
+
+
+def run_steps(model: GPTModel, start: int, stop: int) -> list[list[float]]:
+    """[loss, grad_norm, lr] for steps start..stop-1."""
+    vocab = model.engine.hf_config.vocab_size
+    records = []
+    for step in range(start, stop):
+        batch = local_slice(model, global_batch(step, vocab))
+        tokens = model.global_sum(batch["loss_mask"][:, 1:].sum())
+        metrics = model.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=tokens))
+        grad_norm, lr = model.optimizer_step(max_grad_norm=1.0)
+        records.append([metrics["loss"].item(), grad_norm, lr])
+    return records
+
+
+def probe_logprobs(model: GPTModel) -> list[list[float]]:
+    return model.get_logprobs(global_batch(99, model.engine.hf_config.vocab_size)).tolist()
+
+
+def greedy(model: GPTModel) -> list[list[int]]:
+    tok = model.tokenizer
+    prompts = ["12+34=", "7-5=", "123+9=", "5="]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(enc["input_ids"], enc["attention_mask"], SamplingParams(use_greedy=True), LengthParams(max_length=6))
+    return out.tokens.tolist()
+
+
+def manager(path: str) -> CheckpointManager:
+    return CheckpointManager(path, save_top_k=2, monitor="val_loss", mode="min")
+
+
+def save(model: GPTModel, path: str, step: int) -> None:
+    manager(path).save(step, model, {"policy": model}, {"consumed_samples": step * GLOBAL_BATCH, "epoch": 0})
+
+
+def resume(model: GPTModel, path: str) -> int:
+    mgr = manager(path)
+    return int(mgr.load(mgr.latest(), model, {"policy": model})["step"])
+
+
+def phase_single(model_dir: str, work: str) -> dict:
+    out: dict = {}
+    model = build(model_dir, tp=1)
+    out["logprobs_init"] = probe_logprobs(model)
+    out["greedy"] = greedy(model)
+    out["steps"] = run_steps(model, 0, SAVE_AT)
+    save(model, f"{work}/ckpt_1proc", SAVE_AT)
+    out["steps"] += run_steps(model, SAVE_AT, STEPS)
+    out["logprobs_trained"] = probe_logprobs(model)
+    model.export_hf(f"{work}/hf_1proc")
+    return out
+
+
+def phase_parallel(model_dir: str, work: str) -> dict:
+    out: dict = {}
+    dp2 = build(model_dir, tp=1)
+    out["dp2_steps"] = run_steps(dp2, 0, STEPS)
+    dp2 = build(model_dir, tp=1)
+    out["dp2_resumed_from_1proc"] = run_steps(dp2, resume(dp2, f"{work}/ckpt_1proc"), STEPS)
+    del dp2
+    tp2 = build(model_dir, tp=2)
+    out["tp2_logprobs_init"] = probe_logprobs(tp2)
+    out["tp2_greedy"] = greedy(tp2)
+    reference = retrieve_model_state_dict_in_cpu(tp2)
+    out["tp2_steps"] = run_steps(tp2, 0, SAVE_AT)
+    save(tp2, f"{work}/ckpt_2proc", SAVE_AT)
+    out["tp2_steps"] += run_steps(tp2, SAVE_AT, STEPS)
+    trained = retrieve_model_state_dict_in_cpu(tp2)
+    with cpu_weight_swap(tp2, reference):
+        out["tp2_logprobs_in_swap"] = probe_logprobs(tp2)
+    after = retrieve_model_state_dict_in_cpu(tp2)
+    out["tp2_swap_restored_bitwise"] = all(torch.equal(trained[k], after[k]) for k in trained)
+    out["tp2_logprobs_after_swap"] = probe_logprobs(tp2)
+    tp2.export_hf(f"{work}/hf_tp2")
+    return out
+
+
+def phase_resume1(model_dir: str, work: str) -> dict:
+    model = build(model_dir, tp=1)
+    return {"resumed_from_2proc": run_steps(model, resume(model, f"{work}/ckpt_2proc"), STEPS)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", choices=["single", "parallel", "resume1"], required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = {"single": phase_single, "parallel": phase_parallel, "resume1": phase_resume1}[args.phase](
+        args.model_dir, args.workdir)
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.workdir, f"{args.phase}.json"), "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
