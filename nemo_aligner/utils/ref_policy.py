@@ -47,10 +47,11 @@ def _load_local_(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if params.keys() != state.keys():
         missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
         raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, param in params.items():
-        local = _local(param)
+    locals_ = {name: _local(param) for name, param in params.items()}
+    for name, local in locals_.items():  # validate everything before touching any weight
         if local.shape != state[name].shape:
             raise ValueError(f"{name}: state shape {tuple(state[name].shape)} != local shard {tuple(local.shape)}")
+    for name, local in locals_.items():
         local.copy_(state[name], non_blocking=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

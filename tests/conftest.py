@@ -1,0 +1,17 @@
+"""Shared fixtures: tiny random HF model directories (Llama with tied embeddings, Qwen2 untied)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import make_model_dir
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_model_dir(str(tmp_path_factory.mktemp("llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_model_dir(str(tmp_path_factory.mktemp("qwen2")), "qwen2")

@@ -1,0 +1,77 @@
+"""Test helpers: tiny random HF model directories, small configs and batches, a torchrun launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL_DIR = os.path.join(REPO, "examples", "tiny", "model")
+
+_SHAPE = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _tokenizer(path: str) -> None:
+    tok = Tokenizer(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=_SHAPE["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=list("0123456789+-= "))
+    tok.train_from_iterator(["12+34=46", "5-3=2", "100+250=350", "77-7=70"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+def make_model_dir(path: str, family: str, seed: int = 0) -> str:
+    """A random-init HF model directory of `family` ('llama' or 'qwen2') with a tokenizer."""
+    config = LlamaConfig(**_SHAPE, tie_word_embeddings=True) if family == "llama" else Qwen2Config(**_SHAPE, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    _tokenizer(path)
+    return path
+
+
+def model_cfg(**overrides: object) -> ModelConfig:
+    """A small fp32 training config; keyword overrides replace ModelConfig fields.
+
+    Adam eps=1e-4 keeps the first update a smooth function of the gradient: with 1e-8, gradients at
+    the 1e-9 rounding-noise level flip the sign of a full lr-sized update and no comparison holds.
+    """
+    base = dict(micro_batch_size=2, global_batch_size=4, seed=3, log_prob_chunk_size=7,
+                optim=OptimConfig(lr=1e-2, weight_decay=0.1, eps=1e-4, sched=SchedConfig(warmup_steps=0, min_lr=0.0)))
+    base.update(overrides)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def pretrained(path: str) -> PretrainedCheckpointConfig:
+    return PretrainedCheckpointConfig(restore_from_path=path)
+
+
+FP32 = Precision.fp32
+
+
+def right_padded_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random right-padded rows; the first 2 tokens of each row are an untrained prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, seq), generator=gen)
+    lengths = torch.randint(4, seq + 1, (rows,), generator=gen)
+    attention = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    loss_mask = attention.float()
+    loss_mask[:, :2] = 0
+    return {"input_ids": ids * attention, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def torchrun(nproc: int, script: str, *args: str, timeout: int = 300) -> str:
+    """Run `script` under torchrun with `nproc` CPU processes; fail the test with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr

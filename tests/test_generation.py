@@ -1,0 +1,88 @@
+"""Generation: greedy equals transformers' own decode; sampling filters; EOS and min_length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import FP32, model_cfg, pretrained
+from nemo_aligner.engines.base import LengthParams, SamplingParams
+from nemo_aligner.engines.torch_native.generation import generate, sample_next_token
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+
+PROMPTS = [[1, 5, 9, 13, 4, 22], [1, 30], [1, 7, 7, 40], [1, 11, 12]]
+
+
+def _left_padded(pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def policy(llama_dir: str) -> GPTModel:
+    return GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+
+
+def _hf_greedy(path: str, ids: torch.Tensor, mask: torch.Tensor, *, eos: int, pad: int, new: int) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, eos_token_id=eos,
+                       pad_token_id=pad)
+
+
+def test_greedy_equals_transformers_generate_on_mixed_length_prompts(policy: GPTModel, llama_dir: str) -> None:
+    pad = policy.tokenizer.pad_token_id
+    ids, mask = _left_padded(pad)
+    ours = policy.generate(ids, mask, SamplingParams(use_greedy=True), LengthParams(max_length=7))
+    # Make EOS a token the model actually emits mid-sequence, so rows stop at different steps.
+    eos = int(ours.tokens[0, ids.shape[1] + 2])
+    ours = generate(policy.module, ids, mask, sampling=SamplingParams(use_greedy=True), length=LengthParams(max_length=7),
+                    eos_token_id=eos, pad_token_id=pad, generator=None, dp_group=None)
+    reference = _hf_greedy(llama_dir, ids, mask, eos=eos, pad=pad, new=7)
+    assert torch.equal(ours.tokens, reference)
+    assert ours.prompt_lengths.tolist() == [len(p) for p in PROMPTS]
+    responses = ours.tokens[:, ids.shape[1]:]
+    for row, n in enumerate(ours.response_lengths.tolist()):
+        assert 1 <= n <= 7
+        ended = responses[row, n - 1].item() == eos
+        assert ended or n == 7
+        assert (responses[row, n:] == pad).all()  # nothing after EOS but padding
+    assert ours.response_lengths.min() < 7 < ours.response_lengths.max() + 1  # some row stopped early
+
+
+def test_min_length_suppresses_eos(policy: GPTModel) -> None:
+    pad = policy.tokenizer.pad_token_id
+    ids, mask = _left_padded(pad)
+    first = generate(policy.module, ids, mask, sampling=SamplingParams(use_greedy=True), length=LengthParams(max_length=1),
+                     eos_token_id=0, pad_token_id=pad, generator=None, dp_group=None).tokens[:, -1]
+    eos = int(first[0])
+    out = generate(policy.module, ids, mask, sampling=SamplingParams(use_greedy=True),
+                   length=LengthParams(max_length=5, min_length=3), eos_token_id=eos, pad_token_id=pad,
+                   generator=None, dp_group=None)
+    assert (out.tokens[:, ids.shape[1]: ids.shape[1] + 3] != eos).all()
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(policy: GPTModel) -> None:
+    ids, mask = _left_padded(policy.tokenizer.pad_token_id)
+    greedy = policy.generate(ids, mask, SamplingParams(use_greedy=True), LengthParams(max_length=6)).tokens
+    topk1 = policy.generate(ids, mask, SamplingParams(temperature=0.7, top_k=1), LengthParams(max_length=6)).tokens
+    assert torch.equal(greedy, topk1)
+    calls = policy.engine.generation_calls
+    hot = SamplingParams(temperature=1.5)
+    first = policy.generate(ids, mask, hot, LengthParams(max_length=6)).tokens
+    policy.engine.generation_calls = calls  # same seed, same call index -> same samples
+    assert torch.equal(first, policy.generate(ids, mask, hot, LengthParams(max_length=6)).tokens)
+
+
+def test_sample_next_token_filters() -> None:
+    logits = torch.tensor([[4.0, 3.9, 0.0, -1.0, 3.8]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    top2 = sample_next_token(logits, SamplingParams(top_k=2), gen)
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = sample_next_token(logits, SamplingParams(top_p=0.3), gen)
+    assert set(nucleus.tolist()) == {0}  # token 0 alone holds > 0.3 of the mass
+    wide = sample_next_token(logits, SamplingParams(top_p=0.9), gen)
+    assert set(wide.tolist()) == {0, 1, 4}
+    assert (sample_next_token(logits, SamplingParams(use_greedy=True), None) == 0).all()

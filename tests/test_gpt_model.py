@@ -1,0 +1,121 @@
+"""GPTModel on one process against plain PyTorch / transformers references."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import FP32, model_cfg, pretrained, right_padded_batch
+from nemo_aligner.losses.sft import sft_loss_fn
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _reference_logprobs(ref: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = ref(input_ids=ids).logits.double()
+    return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def _sft(batch: dict[str, torch.Tensor]) -> functools.partial:
+    return functools.partial(sft_loss_fn, global_num_tokens=batch["loss_mask"][:, 1:].sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(f"{family}_dir")
+    model = GPTModel(model_cfg(), pretrained(path), precision=FP32)
+    model.setup_optimizer(max_steps=10)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    batch = right_padded_batch(4, 11, ref.config.vocab_size, seed=1)
+
+    ref_logprobs = _reference_logprobs(ref, batch["input_ids"])
+    torch.testing.assert_close(model.get_logprobs(batch).double(), ref_logprobs, atol=1e-5, rtol=0)
+
+    metrics = model.forward_backward(batch, _sft(batch))
+    mask = batch["loss_mask"][:, 1:]
+    ref_loss = -(ref_logprobs.float() * mask).sum() / mask.sum()
+    ref_loss.backward()
+    assert metrics["loss"].item() == pytest.approx(ref_loss.item(), abs=1e-5)
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.module.named_parameters():
+        torch.testing.assert_close(_full(param.grad), ref_params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm=0.05)
+    grad_norm, lr = model.optimizer_step(max_grad_norm=0.05)
+    assert grad_norm == pytest.approx(ref_norm.item(), rel=1e-5) and grad_norm > 0.05  # clipping engaged
+    assert lr == pytest.approx(1e-2)
+    params = [p for p in ref.parameters()]
+    torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                      lr=1e-2, betas=(0.9, 0.98), eps=1e-4).step()
+    for name, param in model.module.named_parameters():
+        torch.testing.assert_close(_full(param.data), ref_params[name].data, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_accumulation_equals_one_big_micro_batch(llama_dir: str) -> None:
+    batch = right_padded_batch(4, 9, 48, seed=2)
+    grads = []
+    for micro in (1, 4):
+        model = GPTModel(model_cfg(micro_batch_size=micro, global_batch_size=4), pretrained(llama_dir), precision=FP32)
+        loss = model.forward_backward(batch, _sft(batch))["loss"]
+        grads.append((loss, {n: _full(p.grad).clone() for n, p in model.module.named_parameters()}))
+    assert grads[0][0].item() == pytest.approx(grads[1][0].item(), abs=1e-6)
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_nan_loss_raises_before_any_step(llama_dir: str) -> None:
+    model = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    model.setup_optimizer(max_steps=2)
+    batch = right_padded_batch(4, 8, 48, seed=3)
+    nan_loss = functools.partial(sft_loss_fn, global_num_tokens=torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        model.forward_backward(batch, nan_loss)
+
+
+def test_optimizer_state_offload_round_trip_is_bit_exact(llama_dir: str) -> None:
+    model = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    model.setup_optimizer(max_steps=4)
+    batch = right_padded_batch(4, 8, 48, seed=4)
+    model.forward_backward(batch, _sft(batch))
+    model.optimizer_step(1.0)
+    states = [v.to_local() if hasattr(v, "to_local") else v for s in model.engine.optimizer.state.values() for v in s.values()]
+    before = [t.clone() for t in states]
+    model.offload_optimizer_state()
+    freed = [t for t in states if t.dim() > 0]
+    assert freed and all(t.untyped_storage().size() == 0 for t in freed)
+    model.onload_optimizer_state()
+    assert all(torch.equal(a, b) for a, b in zip(before, states))
+    model.forward_backward(batch, _sft(batch))
+    model.optimizer_step(1.0)  # training goes on with the restored state
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GPTModel(model_cfg(), pretrained(str(tmp_path / "nope")), precision=FP32)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        GPTModel(model_cfg(), pretrained(str(tmp_path)), precision=FP32)
+
+
+def test_tp_size_must_divide_heads(llama_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size=3 must divide num_attention_heads=4.*valid sizes for this model: \[1, 2\]"):
+        GPTModel(model_cfg(tensor_model_parallel_size=3), pretrained(llama_dir), precision=FP32)
+
+
+def test_global_batch_must_split_into_micro_batches(llama_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"global_batch_size=5 must be a multiple of model.micro_batch_size \(2\)"):
+        GPTModel(model_cfg(global_batch_size=5), pretrained(llama_dir), precision=FP32)
+
+
+def test_left_padded_training_batch_is_rejected(llama_dir: str) -> None:
+    model = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    batch = right_padded_batch(4, 8, 48, seed=5)
+    batch["attention_mask"] = batch["attention_mask"].flip(-1)
+    with pytest.raises(ValueError, match="right-padded"):
+        model.get_logprobs(batch)

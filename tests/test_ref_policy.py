@@ -1,0 +1,58 @@
+"""The reference policy: CPU copy of the weights and the swap context manager."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from helpers import FP32, model_cfg, pretrained, right_padded_batch
+from nemo_aligner.losses.sft import sft_loss_fn
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
+
+
+def _train(model: GPTModel, steps: int) -> None:
+    model.setup_optimizer(max_steps=steps)
+    for step in range(steps):
+        batch = right_padded_batch(4, 9, 48, seed=10 + step)
+        model.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=batch["loss_mask"][:, 1:].sum()))
+        model.optimizer_step(1.0)
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_swap_gives_reference_logprobs_and_restores_bit_for_bit(llama_dir: str) -> None:
+    policy = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    reference = retrieve_model_state_dict_in_cpu(policy)
+    assert all(t.device.type == "cpu" for t in reference.values())
+    assert "lm_head.weight" not in reference  # tied to the embedding: stored once
+    _train(policy, steps=2)
+    trained = retrieve_model_state_dict_in_cpu(policy)
+    assert not _equal(trained, reference)  # the copy did not follow the training updates
+
+    probe = right_padded_batch(4, 10, 48, seed=99)
+    separately_loaded = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32).get_logprobs(probe)
+    trained_logprobs = policy.get_logprobs(probe)
+    with cpu_weight_swap(policy, reference):
+        torch.testing.assert_close(policy.get_logprobs(probe), separately_loaded, atol=0, rtol=0)
+    assert _equal(retrieve_model_state_dict_in_cpu(policy), trained)
+    torch.testing.assert_close(policy.get_logprobs(probe), trained_logprobs, atol=0, rtol=0)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with cpu_weight_swap(policy.module, reference):  # a bare nn.Module works too
+            raise RuntimeError("boom")
+    assert _equal(retrieve_model_state_dict_in_cpu(policy), trained)
+
+
+def test_swap_rejects_a_state_dict_of_another_model(llama_dir: str, qwen2_dir: str) -> None:
+    llama = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    qwen_state = retrieve_model_state_dict_in_cpu(GPTModel(model_cfg(), pretrained(qwen2_dir), precision=FP32))
+    before = retrieve_model_state_dict_in_cpu(llama)
+    with pytest.raises(KeyError, match="does not match"):
+        with cpu_weight_swap(llama, qwen_state):
+            pass
+    assert _equal(retrieve_model_state_dict_in_cpu(llama), before)
