@@ -56,3 +56,21 @@ def test_swap_rejects_a_state_dict_of_another_model(llama_dir: str, qwen2_dir: s
         with cpu_weight_swap(llama, qwen_state):
             pass
     assert _equal(retrieve_model_state_dict_in_cpu(llama), before)
+
+
+def test_training_after_a_swap_continues_as_if_no_swap_happened(llama_dir: str) -> None:
+    """A forward inside the swap leaves FSDP's root gathered; the swap must still restore the
+    sharded weights the optimizer updates (otherwise embeddings would train from the reference)."""
+    swapped = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    plain = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    reference = retrieve_model_state_dict_in_cpu(swapped)
+    probe = right_padded_batch(4, 10, 48, seed=99)
+    _train(swapped, steps=2)
+    with cpu_weight_swap(swapped, reference):
+        swapped.get_logprobs(probe)
+    swapped.forward_backward(probe, functools.partial(sft_loss_fn, global_num_tokens=probe["loss_mask"][:, 1:].sum()))
+    swapped.optimizer_step(1.0)
+    _train(plain, steps=2)
+    plain.forward_backward(probe, functools.partial(sft_loss_fn, global_num_tokens=probe["loss_mask"][:, 1:].sum()))
+    plain.optimizer_step(1.0)
+    assert _equal(retrieve_model_state_dict_in_cpu(swapped), retrieve_model_state_dict_in_cpu(plain))

@@ -7,6 +7,7 @@ from typing import Iterator, Protocol, Union
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 
@@ -21,6 +22,18 @@ def _as_module(model: ModelLike) -> nn.Module:
     return model if isinstance(model, nn.Module) else model.module
 
 
+def reshard_fsdp(module: nn.Module) -> None:
+    """Put every FSDP2 unit back in its sharded state.
+
+    After a no-grad forward FSDP2 keeps the root's parameters gathered, and `named_parameters`
+    then yields the gathered copies; reading or writing those would miss the sharded weights
+    that the optimizer and checkpoints use.
+    """
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
@@ -32,8 +45,10 @@ def retrieve_model_state_dict_in_cpu(model: ModelLike) -> dict[str, torch.Tensor
     Tied parameters appear once. The copy is independent of later updates to the model.
     """
     pin = torch.cuda.is_available()
+    module = _as_module(model)
+    reshard_fsdp(module)
     state = {}
-    for name, param in _as_module(model).named_parameters():
+    for name, param in module.named_parameters():
         local = _local(param).detach()
         copy = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
         copy.copy_(local)
@@ -43,6 +58,7 @@ def retrieve_model_state_dict_in_cpu(model: ModelLike) -> dict[str, torch.Tensor
 
 @torch.no_grad()
 def _load_local_(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    reshard_fsdp(module)
     params = dict(module.named_parameters())
     if params.keys() != state.keys():
         missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())

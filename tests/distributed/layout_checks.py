@@ -1,9 +1,9 @@
 """One torchrun launch that records what the layout tests compare (see tests/test_layouts.py).
 
 Phases:
-  single    (1 process): reference losses/grad norms of N steps, log-probs, greedy generations,
+  single    (1 process): reference losses/grad norms of N steps (Llama with tied embeddings, and Qwen2), log-probs, greedy generations,
             a checkpoint after K steps (ckpt_1proc), an HF export.
-  parallel  (2 processes): the same steps under DP=2 and under TP=2; DP=2 resumed from
+  parallel  (2 processes): the same steps under DP=2 and under TP=2 (Qwen2: TP=2); DP=2 resumed from
             ckpt_1proc; TP=2 saving ckpt_2proc after K steps; greedy generation and log-probs
             under TP=2; the reference-policy swap on sharded parameters; an HF export from TP=2.
   resume1   (1 process): resumed from ckpt_2proc.
@@ -93,8 +93,8 @@ def resume(model: GPTModel, path: str) -> int:
     return int(mgr.load(mgr.latest(), model, {"policy": model})["step"])
 
 
-def phase_single(model_dir: str, work: str) -> dict:
-    out: dict = {}
+def phase_single(model_dir: str, qwen2_dir: str, work: str) -> dict:
+    out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1), 0, STEPS)}
     model = build(model_dir, tp=1)
     out["logprobs_init"] = probe_logprobs(model)
     out["greedy"] = greedy(model)
@@ -106,8 +106,8 @@ def phase_single(model_dir: str, work: str) -> dict:
     return out
 
 
-def phase_parallel(model_dir: str, work: str) -> dict:
-    out: dict = {}
+def phase_parallel(model_dir: str, qwen2_dir: str, work: str) -> dict:
+    out: dict = {"qwen2_tp2_steps": run_steps(build(qwen2_dir, tp=2), 0, STEPS)}
     dp2 = build(model_dir, tp=1)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1)
@@ -130,7 +130,7 @@ def phase_parallel(model_dir: str, work: str) -> dict:
     return out
 
 
-def phase_resume1(model_dir: str, work: str) -> dict:
+def phase_resume1(model_dir: str, qwen2_dir: str, work: str) -> dict:
     model = build(model_dir, tp=1)
     return {"resumed_from_2proc": run_steps(model, resume(model, f"{work}/ckpt_2proc"), STEPS)}
 
@@ -139,11 +139,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase", choices=["single", "parallel", "resume1"], required=True)
     parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--qwen2-dir", required=True)
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"single": phase_single, "parallel": phase_parallel, "resume1": phase_resume1}[args.phase](
-        args.model_dir, args.workdir)
+        args.model_dir, args.qwen2_dir, args.workdir)
     if dist.get_rank() == 0:
         with open(os.path.join(args.workdir, f"{args.phase}.json"), "w") as f:
             json.dump(result, f)

@@ -20,6 +20,7 @@ from nemo_aligner.engines.torch_native.generation import generate
 from nemo_aligner.engines.torch_native.optim import build_optimizer, build_scheduler, global_grad_norm, scale_grads_
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
 from nemo_aligner.utils.logprobs import logprobs_from_logits
+from nemo_aligner.utils.ref_policy import reshard_fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,16 @@ class TorchNativeEngine:
             for name, value in {"loss": loss, **metrics}.items():
                 value = value.detach().float()
                 totals[name] = totals[name] + value if name in totals else value
+        if forward_only:
+            reshard_fsdp(self.module)
         return totals
 
     @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
         """Per-token log-probs [B, T-1] of `batch` (one micro-batch), without gradients."""
-        return self._logprobs(batch)
+        logprobs = self._logprobs(batch)
+        reshard_fsdp(self.module)  # keep the sharded weights the only live copy (see reshard_fsdp)
+        return logprobs
 
     def optimizer_step(self, max_grad_norm: float) -> tuple[float, float]:
         """Clip to `max_grad_norm` (0 disables), step, advance the schedule; returns (grad_norm, lr)."""
@@ -132,9 +137,11 @@ class TorchNativeEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.dp_rank * 7_919 + self.generation_calls)
         self.generation_calls += 1
-        return generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
-                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                        generator=generator, dp_group=self.dp_group)
+        out = generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
+                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                       generator=generator, dp_group=self.dp_group)
+        reshard_fsdp(self.module)
+        return out
 
     # ---------------------------------------------------------- optimizer offload
     def offload_optimizer_state(self) -> None:

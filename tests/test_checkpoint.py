@@ -1,0 +1,108 @@
+"""Checkpoints: exact resume, atomic save, top-k rotation, Hugging Face export."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import FP32, model_cfg, pretrained, right_padded_batch
+from nemo_aligner.engines.torch_native import checkpoint as engine_checkpoint
+from nemo_aligner.losses.sft import sft_loss_fn
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.utils.checkpoint import CheckpointManager
+
+
+def _policy(path: str, max_steps: int = 6) -> GPTModel:
+    model = GPTModel(model_cfg(), pretrained(path), precision=FP32)
+    model.setup_optimizer(max_steps=max_steps)
+    return model
+
+
+def _steps(model: GPTModel, start: int, stop: int) -> list[float]:
+    losses = []
+    for step in range(start, stop):
+        batch = right_padded_batch(4, 9, 48, seed=step)
+        loss = model.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=batch["loss_mask"][:, 1:].sum()))["loss"]
+        model.optimizer_step(1.0)
+        losses.append(loss.item())
+    return losses
+
+
+def _manager(tmp_path, k: int = 2) -> CheckpointManager:
+    return CheckpointManager(str(tmp_path / "checkpoints"), save_top_k=k, monitor="val_loss", mode="min")
+
+
+def test_resume_gives_the_same_losses_and_rng(llama_dir: str, tmp_path) -> None:
+    model = _policy(llama_dir)
+    _steps(model, 0, 2)
+    path = _manager(tmp_path).save(2, model, {"policy": model}, {"consumed_samples": 8, "epoch": 0})
+    expected_rng = torch.rand(3)
+    uninterrupted = _steps(model, 2, 5)
+
+    resumed = _policy(llama_dir)
+    state = _manager(tmp_path).load(_manager(tmp_path).latest(), resumed, {"policy": resumed})
+    assert state["step"] == 2 and state["consumed_samples"] == 8 and path.endswith("step_2")
+    assert torch.equal(torch.rand(3), expected_rng)
+    assert resumed.engine.scheduler.last_epoch == 2
+    assert _steps(resumed, 2, 5) == pytest.approx(uninterrupted, abs=1e-6)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_latest(llama_dir: str, tmp_path, monkeypatch) -> None:
+    model = _policy(llama_dir)
+    manager = _manager(tmp_path)
+    manager.save(1, model, {"policy": model}, {"consumed_samples": 4})
+
+    def crash_midway(path: str) -> None:
+        os.makedirs(path)
+        open(os.path.join(path, "__0_0.distcp"), "w").close()  # a partial shard, then the job dies
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(model, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(2, model, {"policy": model}, {"consumed_samples": 8})
+    assert os.path.isdir(tmp_path / "checkpoints" / "step_2.tmp")
+    assert manager.latest() == str(tmp_path / "checkpoints" / "step_1")
+    fresh = _policy(llama_dir)
+    assert manager.load(manager.latest(), fresh, {"policy": fresh})["consumed_samples"] == 4
+
+
+def test_save_top_k_keeps_the_best_and_the_latest(llama_dir: str, tmp_path) -> None:
+    model = _policy(llama_dir)
+    manager = _manager(tmp_path, k=2)
+    for step, metric in [(1, 0.9), (2, 0.5), (3, 0.7), (4, 0.8), (5, None)]:
+        manager.save(step, model, {"policy": model}, {}, metric=metric)
+    kept = sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("step_"))
+    assert kept == ["step_2", "step_3", "step_5"]  # best two (0.5, 0.7) + the latest
+    assert manager.latest().endswith("step_5")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_export_loads_in_transformers_with_identical_logits(family: str, request, tmp_path, monkeypatch) -> None:
+    path = request.getfixturevalue(f"{family}_dir")
+    model = _policy(path)
+    _steps(model, 0, 1)
+    monkeypatch.setattr(engine_checkpoint, "MAX_SHARD_BYTES", 40_000)  # force a sharded export with an index
+    out = str(tmp_path / "hf")
+    model.export_hf(out)
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    assert not os.path.exists(out + ".tmp")
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["architectures"] == [model.engine.architecture]
+    names = set()
+    for shard in set(json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"].values()):
+        with safe_open(os.path.join(out, shard), "pt") as f:
+            names |= set(f.keys())
+    assert ("lm_head.weight" in names) == (family == "qwen2")  # tied weights are written once
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == model.tokenizer.eos_token_id
+    batch = right_padded_batch(4, 8, 48, seed=42)
+    ids = batch["input_ids"]
+    hf_logprobs = torch.log_softmax(hf(input_ids=ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(model.get_logprobs(batch), hf_logprobs, atol=1e-5, rtol=0)
