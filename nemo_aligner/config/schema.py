@@ -71,7 +71,7 @@ class OptimConfig:
 class PretrainedCheckpointConfig:
     """Where the initial weights come from: a local Hugging Face directory, or a config for random init."""
 
-    restore_from_path: Optional[str] = None  # HF model directory (config.json + safetensors + tokenizer)
+    restore_from_path: Optional[str] = "examples/tiny/model"  # HF model dir (config.json + safetensors + tokenizer)
     model_config: Optional[dict[str, Any]] = None  # HF config kwargs incl. model_type, for random init
     tokenizer_path: Optional[str] = None  # tokenizer directory when it is not restore_from_path
 

@@ -40,13 +40,16 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     """
     if dist.is_initialized():
         return current_device()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
     use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if use_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" in os.environ:  # launched by torchrun / srun
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # left out of os.environ so that child processes do not inherit this group's port
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=timeout)
     return current_device()
 
 
