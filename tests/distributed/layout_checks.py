@@ -30,11 +30,14 @@ from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_
 GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 14, 4, 2
 
 
+PRECISION = Precision.fp32
+
+
 def build(model_dir: str, tp: int) -> GPTModel:
     cfg = ModelConfig(micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
                       seed=7, log_prob_chunk_size=5,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
-    model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), precision=Precision.fp32)
+    model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), precision=PRECISION)
     model.setup_optimizer(max_steps=STEPS)
     return model
 
@@ -69,14 +72,16 @@ def run_steps(model: GPTModel, start: int, stop: int) -> list[list[float]]:
 
 
 def probe_logprobs(model: GPTModel) -> list[list[float]]:
-    return model.get_logprobs(global_batch(99, model.engine.hf_config.vocab_size)).tolist()
+    batch = global_batch(99, model.engine.hf_config.vocab_size)
+    return (model.get_logprobs(batch) * batch["attention_mask"][:, 1:].to(model.device)).tolist()
 
 
 def greedy(model: GPTModel) -> list[list[int]]:
     tok = model.tokenizer
     prompts = ["12+34=", "7-5=", "123+9=", "5="]
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
-    out = model.generate(enc["input_ids"], enc["attention_mask"], SamplingParams(use_greedy=True), LengthParams(max_length=6))
+    out = model.generate(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device),
+                         SamplingParams(use_greedy=True), LengthParams(max_length=6))
     return out.tokens.tolist()
 
 
@@ -141,7 +146,10 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--qwen2-dir", required=True)
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="fp32")
     args = parser.parse_args()
+    global PRECISION
+    PRECISION = Precision(args.precision)
     torch.manual_seed(0)
     result = {"single": phase_single, "parallel": phase_parallel, "resume1": phase_resume1}[args.phase](
         args.model_dir, args.qwen2_dir, args.workdir)
