@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig
+from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL_DIR = os.path.join(REPO, "examples", "tiny", "model")
@@ -53,7 +53,7 @@ def pretrained(path: str) -> PretrainedCheckpointConfig:
     return PretrainedCheckpointConfig(restore_from_path=path)
 
 
-FP32 = Precision.fp32
+FP32 = TrainerConfig(devices=1, num_nodes=1, precision=Precision.fp32)
 
 
 def right_padded_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:

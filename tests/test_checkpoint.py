@@ -19,7 +19,7 @@ from nemo_aligner.utils.checkpoint import CheckpointManager
 
 
 def _policy(path: str, max_steps: int = 6) -> GPTModel:
-    model = GPTModel(model_cfg(), pretrained(path), precision=FP32)
+    model = GPTModel(model_cfg(), pretrained(path), FP32)
     model.setup_optimizer(max_steps=max_steps)
     return model
 

@@ -101,7 +101,7 @@ def test_export_script_rejects_bad_input_before_writing(tmp_path) -> None:
 
 
 def test_export_script_turns_a_checkpoint_into_a_transformers_model(llama_dir: str, tmp_path) -> None:
-    model = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    model = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
     model.setup_optimizer(max_steps=2)
     batch = right_padded_batch(4, 9, 48, seed=1)
     model.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=batch["loss_mask"][:, 1:].sum()))

@@ -23,7 +23,7 @@ def _left_padded(pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def policy(llama_dir: str) -> GPTModel:
-    return GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    return GPTModel(model_cfg(), pretrained(llama_dir), FP32)
 
 
 def _hf_greedy(path: str, ids: torch.Tensor, mask: torch.Tensor, *, eos: int, pad: int, new: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ def _sft(batch: dict[str, torch.Tensor]) -> functools.partial:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(f"{family}_dir")
-    model = GPTModel(model_cfg(), pretrained(path), precision=FP32)
+    model = GPTModel(model_cfg(), pretrained(path), FP32)
     model.setup_optimizer(max_steps=10)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     batch = right_padded_batch(4, 11, ref.config.vocab_size, seed=1)
@@ -62,7 +62,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(llama_dir: str) -> Non
     batch = right_padded_batch(4, 9, 48, seed=2)
     grads = []
     for micro in (1, 4):
-        model = GPTModel(model_cfg(micro_batch_size=micro, global_batch_size=4), pretrained(llama_dir), precision=FP32)
+        model = GPTModel(model_cfg(micro_batch_size=micro, global_batch_size=4), pretrained(llama_dir), FP32)
         loss = model.forward_backward(batch, _sft(batch))["loss"]
         grads.append((loss, {n: _full(p.grad).clone() for n, p in model.module.named_parameters()}))
     assert grads[0][0].item() == pytest.approx(grads[1][0].item(), abs=1e-6)
@@ -71,7 +71,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(llama_dir: str) -> Non
 
 
 def test_nan_loss_raises_before_any_step(llama_dir: str) -> None:
-    model = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    model = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
     model.setup_optimizer(max_steps=2)
     batch = right_padded_batch(4, 8, 48, seed=3)
     nan_loss = functools.partial(sft_loss_fn, global_num_tokens=torch.tensor(float("nan")))
@@ -80,7 +80,7 @@ def test_nan_loss_raises_before_any_step(llama_dir: str) -> None:
 
 
 def test_optimizer_state_offload_round_trip_is_bit_exact(llama_dir: str) -> None:
-    model = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    model = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
     model.setup_optimizer(max_steps=4)
     batch = right_padded_batch(4, 8, 48, seed=4)
     model.forward_backward(batch, _sft(batch))
@@ -98,24 +98,31 @@ def test_optimizer_state_offload_round_trip_is_bit_exact(llama_dir: str) -> None
 
 def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GPTModel(model_cfg(), pretrained(str(tmp_path / "nope")), precision=FP32)
+        GPTModel(model_cfg(), pretrained(str(tmp_path / "nope")), FP32)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        GPTModel(model_cfg(), pretrained(str(tmp_path)), precision=FP32)
+        GPTModel(model_cfg(), pretrained(str(tmp_path)), FP32)
 
 
 def test_tp_size_must_divide_heads(llama_dir: str) -> None:
     with pytest.raises(ValueError, match=r"tensor_model_parallel_size=3 must divide num_attention_heads=4.*valid sizes for this model: \[1, 2\]"):
-        GPTModel(model_cfg(tensor_model_parallel_size=3), pretrained(llama_dir), precision=FP32)
+        GPTModel(model_cfg(tensor_model_parallel_size=3), pretrained(llama_dir), FP32)
 
 
 def test_global_batch_must_split_into_micro_batches(llama_dir: str) -> None:
     with pytest.raises(ValueError, match=r"global_batch_size=5 must be a multiple of model.micro_batch_size \(2\)"):
-        GPTModel(model_cfg(global_batch_size=5), pretrained(llama_dir), precision=FP32)
+        GPTModel(model_cfg(global_batch_size=5), pretrained(llama_dir), FP32)
 
 
 def test_left_padded_training_batch_is_rejected(llama_dir: str) -> None:
-    model = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    model = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
     batch = right_padded_batch(4, 8, 48, seed=5)
     batch["attention_mask"] = batch["attention_mask"].flip(-1)
     with pytest.raises(ValueError, match="right-padded"):
         model.get_logprobs(batch)
+
+
+def test_devices_must_match_the_launched_processes(llama_dir: str) -> None:
+    from nemo_aligner.config.schema import TrainerConfig
+
+    with pytest.raises(ValueError, match=r"trainer.devices \(2\) x trainer.num_nodes \(1\) = 2, but 1 processes were launched"):
+        GPTModel(model_cfg(), pretrained(llama_dir), TrainerConfig(devices=2, precision=FP32.precision))

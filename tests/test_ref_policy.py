@@ -26,7 +26,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_swap_gives_reference_logprobs_and_restores_bit_for_bit(llama_dir: str) -> None:
-    policy = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    policy = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
     reference = retrieve_model_state_dict_in_cpu(policy)
     assert all(t.device.type == "cpu" for t in reference.values())
     assert "lm_head.weight" not in reference  # tied to the embedding: stored once
@@ -35,7 +35,7 @@ def test_swap_gives_reference_logprobs_and_restores_bit_for_bit(llama_dir: str) 
     assert not _equal(trained, reference)  # the copy did not follow the training updates
 
     probe = right_padded_batch(4, 10, 48, seed=99)
-    separately_loaded = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32).get_logprobs(probe)
+    separately_loaded = GPTModel(model_cfg(), pretrained(llama_dir), FP32).get_logprobs(probe)
     trained_logprobs = policy.get_logprobs(probe)
     with cpu_weight_swap(policy, reference):
         torch.testing.assert_close(policy.get_logprobs(probe), separately_loaded, atol=0, rtol=0)
@@ -49,8 +49,8 @@ def test_swap_gives_reference_logprobs_and_restores_bit_for_bit(llama_dir: str) 
 
 
 def test_swap_rejects_a_state_dict_of_another_model(llama_dir: str, qwen2_dir: str) -> None:
-    llama = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
-    qwen_state = retrieve_model_state_dict_in_cpu(GPTModel(model_cfg(), pretrained(qwen2_dir), precision=FP32))
+    llama = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
+    qwen_state = retrieve_model_state_dict_in_cpu(GPTModel(model_cfg(), pretrained(qwen2_dir), FP32))
     before = retrieve_model_state_dict_in_cpu(llama)
     with pytest.raises(KeyError, match="does not match"):
         with cpu_weight_swap(llama, qwen_state):
@@ -61,8 +61,8 @@ def test_swap_rejects_a_state_dict_of_another_model(llama_dir: str, qwen2_dir: s
 def test_training_after_a_swap_continues_as_if_no_swap_happened(llama_dir: str) -> None:
     """A forward inside the swap leaves FSDP's root gathered; the swap must still restore the
     sharded weights the optimizer updates (otherwise embeddings would train from the reference)."""
-    swapped = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
-    plain = GPTModel(model_cfg(), pretrained(llama_dir), precision=FP32)
+    swapped = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
+    plain = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
     reference = retrieve_model_state_dict_in_cpu(swapped)
     probe = right_padded_batch(4, 10, 48, seed=99)
     _train(swapped, steps=2)

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig
+from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
 from nemo_aligner.engines.base import LengthParams, SamplingParams
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
@@ -37,7 +37,8 @@ def build(model_dir: str, tp: int) -> GPTModel:
     cfg = ModelConfig(micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
                       seed=7, log_prob_chunk_size=5,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
-    model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), precision=PRECISION)
+    trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=PRECISION)
+    model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     model.setup_optimizer(max_steps=STEPS)
     return model
 

@@ -36,7 +36,7 @@ def resolve_checkpoint(path: str) -> str:
 def main(raw: DictConfig) -> None:
     cfg = load_config(ExportToHFConfig, raw)
     checkpoint = resolve_checkpoint(cfg.checkpoint_path) if cfg.checkpoint_path else None
-    model = GPTModel(cfg.model, cfg.pretrained_checkpoint, precision=cfg.trainer.precision)
+    model = GPTModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     if checkpoint is not None:
         model.load(os.path.join(checkpoint, "model"), with_optimizer=False)
     model.export_hf(cfg.output_path)

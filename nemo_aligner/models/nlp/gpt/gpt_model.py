@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from nemo_aligner.config.schema import EngineName, ModelConfig, Precision, PretrainedCheckpointConfig
+from nemo_aligner.config.schema import EngineName, ModelConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.engines.base import Batch, Generations, LengthParams, LossFn, SamplingParams
 from nemo_aligner.engines.torch_native.build import check_tensor_parallel, load_hf_config, load_tokenizer
 from nemo_aligner.engines.torch_native.engine import TorchNativeEngine
@@ -30,11 +30,12 @@ class GPTModel:
     receives `global_batch_size / dp` sequences per step and splits them into micro-batches.
     """
 
-    def __init__(self, cfg: ModelConfig, pretrained: PretrainedCheckpointConfig, *, precision: Precision) -> None:
+    def __init__(self, cfg: ModelConfig, pretrained: PretrainedCheckpointConfig, trainer: TrainerConfig) -> None:
         if cfg.engine is not EngineName.torch_native:
             raise NotImplementedError(f"model.engine={cfg.engine.value} is not available yet; use torch_native")
         self.cfg = cfg
         device = init_distributed()
+        check_world_size(trainer.devices, trainer.num_nodes, dist.get_world_size())
         hf_config = load_hf_config(pretrained.restore_from_path, pretrained.model_config)
         check_tensor_parallel(hf_config, cfg.tensor_model_parallel_size)
         self.dims = ParallelDims.from_world(dist.get_world_size(), cfg.tensor_model_parallel_size)
@@ -43,7 +44,7 @@ class GPTModel:
         if tokenizer_path is None:
             raise ValueError("pretrained_checkpoint.tokenizer_path must be set when the model is built from model_config")
         self.tokenizer = load_tokenizer(tokenizer_path)
-        self.precision = precision
+        self.precision = precision = trainer.precision
         param_dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float32
         mesh = build_mesh(self.dims, device)
         self.engine = TorchNativeEngine(
@@ -140,6 +141,15 @@ class GPTModel:
     def export_hf(self, path: str) -> None:
         """Write a Hugging Face model directory (bf16 weights when training in bf16)."""
         self.engine.export_hf(path, torch.bfloat16 if self.precision is Precision.bf16 else torch.float32)
+
+
+def check_world_size(devices: int, num_nodes: int, world_size: int) -> None:
+    """trainer.devices x trainer.num_nodes must be the number of processes torchrun started."""
+    if devices * num_nodes != world_size:
+        raise ValueError(
+            f"trainer.devices ({devices}) x trainer.num_nodes ({num_nodes}) = {devices * num_nodes}, but "
+            f"{world_size} processes were launched; set them to match torchrun --nproc_per_node / --nnodes"
+        )
 
 
 def check_batch_sizes(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
