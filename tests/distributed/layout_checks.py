@@ -30,14 +30,11 @@ from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_
 GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 14, 4, 2
 
 
-PRECISION = Precision.fp32
-
-
-def build(model_dir: str, tp: int) -> GPTModel:
+def build(model_dir: str, tp: int, precision: Precision) -> GPTModel:
     cfg = ModelConfig(micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
                       seed=7, log_prob_chunk_size=5,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
-    trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=PRECISION)
+    trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     model.setup_optimizer(max_steps=STEPS)
     return model
@@ -99,9 +96,9 @@ def resume(model: GPTModel, path: str) -> int:
     return int(mgr.load(mgr.latest(), model, {"policy": model})["step"])
 
 
-def phase_single(model_dir: str, qwen2_dir: str, work: str) -> dict:
-    out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1), 0, STEPS)}
-    model = build(model_dir, tp=1)
+def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
+    out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1, precision=precision), 0, STEPS)}
+    model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
     out["greedy"] = greedy(model)
     out["steps"] = run_steps(model, 0, SAVE_AT)
@@ -112,14 +109,14 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str) -> dict:
     return out
 
 
-def phase_parallel(model_dir: str, qwen2_dir: str, work: str) -> dict:
-    out: dict = {"qwen2_tp2_steps": run_steps(build(qwen2_dir, tp=2), 0, STEPS)}
-    dp2 = build(model_dir, tp=1)
+def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
+    out: dict = {"qwen2_tp2_steps": run_steps(build(qwen2_dir, tp=2, precision=precision), 0, STEPS)}
+    dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
-    dp2 = build(model_dir, tp=1)
+    dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_resumed_from_1proc"] = run_steps(dp2, resume(dp2, f"{work}/ckpt_1proc"), STEPS)
     del dp2
-    tp2 = build(model_dir, tp=2)
+    tp2 = build(model_dir, tp=2, precision=precision)
     out["tp2_logprobs_init"] = probe_logprobs(tp2)
     out["tp2_greedy"] = greedy(tp2)
     reference = retrieve_model_state_dict_in_cpu(tp2)
@@ -136,8 +133,8 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str) -> dict:
     return out
 
 
-def phase_resume1(model_dir: str, qwen2_dir: str, work: str) -> dict:
-    model = build(model_dir, tp=1)
+def phase_resume1(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
+    model = build(model_dir, tp=1, precision=precision)
     return {"resumed_from_2proc": run_steps(model, resume(model, f"{work}/ckpt_2proc"), STEPS)}
 
 
@@ -149,11 +146,9 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--precision", choices=[p.value for p in Precision], default="fp32")
     args = parser.parse_args()
-    global PRECISION
-    PRECISION = Precision(args.precision)
     torch.manual_seed(0)
     result = {"single": phase_single, "parallel": phase_parallel, "resume1": phase_resume1}[args.phase](
-        args.model_dir, args.qwen2_dir, args.workdir)
+        args.model_dir, args.qwen2_dir, args.workdir, Precision(args.precision))
     if dist.get_rank() == 0:
         with open(os.path.join(args.workdir, f"{args.phase}.json"), "w") as f:
             json.dump(result, f)
