@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random HF model directories (Llama with tied embeddings, Qwen2 untied)."""
+"""Shared fixtures: tiny random HF model directories (Llama with tied embeddings, Qwen2 untied, GPT-2)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,8 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_model_dir(str(tmp_path_factory.mktemp("qwen2")), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_model_dir(str(tmp_path_factory.mktemp("gpt2")), "gpt2")

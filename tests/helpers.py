@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from tokenizers import Tokenizer, models, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
 
@@ -29,8 +29,14 @@ def _tokenizer(path: str) -> None:
 
 
 def make_model_dir(path: str, family: str, seed: int = 0) -> str:
-    """A random-init HF model directory of `family` ('llama' or 'qwen2') with a tokenizer."""
-    config = LlamaConfig(**_SHAPE, tie_word_embeddings=True) if family == "llama" else Qwen2Config(**_SHAPE, tie_word_embeddings=False)
+    """A random-init HF model directory of `family` ('llama', 'qwen2' or 'gpt2') with a tokenizer."""
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=_SHAPE["vocab_size"], n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    elif family == "llama":
+        config = LlamaConfig(**_SHAPE, tie_word_embeddings=True)
+    else:
+        config = Qwen2Config(**_SHAPE, tie_word_embeddings=False)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     _tokenizer(path)

@@ -26,7 +26,7 @@ def _sft(batch: dict[str, torch.Tensor]) -> functools.partial:
     return functools.partial(sft_loss_fn, global_num_tokens=batch["loss_mask"][:, 1:].sum())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(f"{family}_dir")
     model = GPTModel(model_cfg(), pretrained(path), FP32)
@@ -106,6 +106,11 @@ def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:
 def test_tp_size_must_divide_heads(llama_dir: str) -> None:
     with pytest.raises(ValueError, match=r"tensor_model_parallel_size=3 must divide num_attention_heads=4.*valid sizes for this model: \[1, 2\]"):
         GPTModel(model_cfg(tensor_model_parallel_size=3), pretrained(llama_dir), FP32)
+
+
+def test_tensor_parallel_is_refused_for_families_without_a_plan(gpt2_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size=2 is not supported for model_type 'gpt2'"):
+        GPTModel(model_cfg(tensor_model_parallel_size=2), pretrained(gpt2_dir), FP32)
 
 
 def test_global_batch_must_split_into_micro_batches(llama_dir: str) -> None:

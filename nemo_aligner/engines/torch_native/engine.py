@@ -59,6 +59,9 @@ class TorchNativeEngine:
         self.architecture = type(self.module).__name__
         parallelize(self.module, mesh, param_dtype=param_dtype)
         materialize(self.module, device, full_state_dict_on_rank0(restore_from_path, hf_config, seed))
+        # Dropout stays off (as TRL's disable_dropout): policy and reference log-probs must be the
+        # same deterministic function of the weights, and results must not depend on the layout.
+        self.module.eval()
         self.optimizer: torch.optim.AdamW | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.generation_calls = 0
