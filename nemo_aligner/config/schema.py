@@ -117,6 +117,42 @@ class TrainerConfig:
     devices: int = 1  # processes per node; must match torchrun --nproc_per_node
     num_nodes: int = 1
     precision: Precision = Precision.bf16
+    log_every_n_steps: int = 10  # a metric line in the log every N steps (the progress bar updates every step)
+
+    def __post_init__(self) -> None:
+        _require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, ">= 1")
+
+
+@dataclass
+class LoopConfig:
+    """The fit loop of an algorithm (trainer.dpo, trainer.spin, trainer.rs).
+
+    Intervals follow Lightning/NeMo: an int counts optimizer steps, a float in (0, 1] is a
+    fraction of an epoch's steps.
+    """
+
+    max_epochs: int = 1
+    max_steps: int = -1  # -1: max_epochs x steps per epoch
+    val_check_interval: Any = 0.25  # int: every N steps; float in (0, 1]: fraction of an epoch
+    save_interval: int = 100  # steps between checkpoints (a final one is always written)
+    limit_val_batches: Any = 1.0  # int: that many validation batches; float in (0, 1]: that fraction
+    gradient_clip_val: float = 1.0  # clip the global grad norm to this; 0 disables
+
+    def __post_init__(self) -> None:
+        _require(self.max_epochs >= 1, "trainer.<algorithm>.max_epochs", self.max_epochs, ">= 1")
+        _require(self.max_steps == -1 or self.max_steps >= 1, "trainer.<algorithm>.max_steps", self.max_steps, "-1 or >= 1")
+        _require(self.save_interval >= 1, "trainer.<algorithm>.save_interval", self.save_interval, ">= 1")
+        _require(self.gradient_clip_val >= 0, "trainer.<algorithm>.gradient_clip_val", self.gradient_clip_val, ">= 0")
+        for key in ("val_check_interval", "limit_val_batches"):
+            value = getattr(self, key)
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+                isinstance(value, float) and 0 < value <= 1)
+            _require(ok, f"trainer.<algorithm>.{key}", value, "an int >= 1 (steps/batches) or a float in (0, 1] (fraction)")
+
+
+def resolve_count(value: int | float, total: int) -> int:
+    """An int as is; a float fraction of `total`, at least 1."""
+    return value if isinstance(value, int) else max(1, round(value * total))
 
 
 @dataclass

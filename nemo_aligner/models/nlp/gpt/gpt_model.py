@@ -79,13 +79,16 @@ class GPTModel:
         self.engine.setup_optimizer(self.cfg.optim, max_steps=max_steps)
 
     # ------------------------------------------------------------------ compute
-    def forward_backward(self, batch: Batch, loss_fn: LossFn, *, forward_only: bool = False) -> dict[str, torch.Tensor]:
-        """Apply `loss_fn` over this rank's batch in micro-batches; returns metrics summed over dp.
+    def forward_backward(self, batch: Batch, loss_fn: LossFn, *, forward_only: bool = False,
+                         micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Apply `loss_fn` over this rank's batch in micro-batches of `micro_batch_size` rows
+        (default: the config's); returns metrics summed over data-parallel ranks.
 
         `loss_fn` must return each micro-batch's share of the global loss (see engines/base.py).
         A NaN or inf loss raises FloatingPointError after the backward, before any optimizer step.
         """
-        metrics = self.engine.forward_backward(self.micro_batches(batch), loss_fn, forward_only=forward_only)
+        micro_batches = self.micro_batches(batch, micro_batch_size)
+        metrics = self.engine.forward_backward(micro_batches, loss_fn, forward_only=forward_only)
         metrics = {name: self.global_sum(value) for name, value in metrics.items()}
         if not torch.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss'].item()}")

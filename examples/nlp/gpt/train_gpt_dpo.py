@@ -1,0 +1,55 @@
+"""Train a policy with DPO / IPO / RPO on preference pairs.
+
+    torchrun --nproc_per_node 8 examples/nlp/gpt/train_gpt_dpo.py \
+        pretrained_checkpoint.restore_from_path=/models/my-hf-model \
+        model.data.data_prefix.train=/data/train.jsonl model.data.data_prefix.validation=/data/val.jsonl \
+        model.dpo.preference_loss=ipo trainer.devices=8
+
+With no arguments it aligns the embedded tiny model (examples/tiny) on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_aligner.algorithms.dpo import DPOTrainer
+from nemo_aligner.config.dpo import DPOJobConfig
+from nemo_aligner.config.loader import load_config
+from nemo_aligner.data.builders import build_preference_loader
+from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
+from nemo_aligner.utils.distributed import is_rank0, log_rank0
+
+logger = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="conf", config_name="gpt_dpo", version_base=None)
+def main(raw: DictConfig) -> None:
+    cfg = load_config(DPOJobConfig, raw)
+    policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
+    data = cfg.model.data
+    train = build_preference_loader(data.data_prefix.train, policy, data, shuffle=True)
+    val = build_preference_loader(data.data_prefix.validation, policy, data, shuffle=False)
+    task_eval = hydra.utils.instantiate(cfg.task_eval) if cfg.task_eval else None
+    # Everything is validated: from here on the log directory may be written.
+    if is_rank0():
+        os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
+        OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
+    before = task_eval(policy) if task_eval else {}
+    trainer = DPOTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.dpo, exp=cfg.exp_manager,
+                         log_every_n_steps=cfg.trainer.log_every_n_steps,
+                         config_dict=OmegaConf.to_container(raw, resolve=True))
+    trainer.fit()
+    if task_eval:
+        after = task_eval(policy)
+        for name in before:
+            log_rank0(logger, "held-out %s: %.4f before, %.4f after DPO", name, before[name], after[name])
+            if is_rank0():
+                print(f"held-out {name}: before {before[name]:.4f}  after {after[name]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The one fit loop every algorithm shares: step accounting, validation and save intervals,
+resume, metric logging, progress display and the final HF export.
+
+An algorithm subclasses BaseTrainer and supplies `train_step(batch)` and
+`validation_step(batch)`, each returning metrics already reduced over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from tqdm import tqdm
+
+from nemo_aligner.config.schema import ExpManagerConfig, LoopConfig, resolve_count
+from nemo_aligner.data.loader import Batch, StepDataLoader
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.utils.checkpoint import CheckpointManager, Stateful
+from nemo_aligner.utils.distributed import is_rank0, log_rank0
+from nemo_aligner.utils.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step produced a NaN/inf loss or gradient; the run stops and nothing is saved from it."""
+
+
+@dataclass
+class TrainerState:
+    """What the loop itself must remember across a resume."""
+
+    step: int = 0
+    best_metric: Optional[float] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.best_metric = state["best_metric"]
+
+
+class BaseTrainer:
+    """Runs `train_step` until max_steps, with validation, checkpoints and logging around it."""
+
+    algorithm = "base"
+
+    def __init__(self, *, policy: GPTModel, train_data: StepDataLoader, val_data: StepDataLoader | None,
+                 loop: LoopConfig, exp: ExpManagerConfig, log_every_n_steps: int, config_dict: Mapping[str, Any]) -> None:
+        self.policy, self.train_data, self.val_data = policy, train_data, val_data
+        self.loop, self.exp, self.log_every_n_steps = loop, exp, log_every_n_steps
+        self.state = TrainerState()
+        per_epoch = train_data.sampler.batches_per_epoch
+        epochs_steps = loop.max_epochs * per_epoch
+        self.max_steps = epochs_steps if loop.max_steps == -1 else min(loop.max_steps, epochs_steps)
+        self.val_interval = resolve_count(loop.val_check_interval, per_epoch)
+        self.val_batches = 0 if val_data is None else resolve_count(loop.limit_val_batches, val_data.sampler.batches_per_epoch)
+        self.log_dir = exp.explicit_log_dir
+        ckpt = exp.checkpoint_callback_params
+        self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"), save_top_k=ckpt.save_top_k,
+                                             monitor=ckpt.monitor, mode=ckpt.mode)
+        resume_path = self.checkpoints.latest() if exp.resume_if_exists else None
+        self._resume_path = resume_path
+        resume_step = self._peek_step(resume_path)
+        self.metrics = MetricsLogger(self.log_dir, tensorboard=exp.create_tensorboard_logger, wandb=exp.create_wandb_logger,
+                                     wandb_kwargs=asdict(exp.wandb_logger_kwargs), config=config_dict, resume_step=resume_step)
+        self.last_val: dict[str, float] = {}
+
+    # --------------------------------------------------------------- to supply
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def statefuls(self) -> dict[str, Stateful]:
+        """Everything a checkpoint restores; algorithms may add entries (SPIN: its reference)."""
+        return {"policy": self.policy, "train_data": self.train_data, "trainer": self.state}
+
+    # -------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, float]:
+        """Train to max_steps (resuming first if a checkpoint exists); returns the last val metrics."""
+        self.policy.setup_optimizer(max_steps=self.max_steps)
+        if self._resume_path is not None:
+            self.checkpoints.load(self._resume_path, self.policy, self.statefuls())
+        log_rank0(logger, "%s: %d steps (%d per epoch), validation every %d steps on %d batches, resuming at step %d",
+                  self.algorithm, self.max_steps, self.train_data.sampler.batches_per_epoch, self.val_interval,
+                  self.val_batches, self.state.step)
+        bar = tqdm(total=self.max_steps, initial=self.state.step, desc=self.algorithm, unit="step",
+                   disable=not is_rank0(), dynamic_ncols=True)
+        while self.state.step < self.max_steps:
+            metrics = self._run_train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
+            step = self.state.step
+            if step % self.log_every_n_steps == 0:
+                log_rank0(logger, "step %d: %s", step, _fmt(metrics))
+            if step % self.val_interval == 0 or step == self.max_steps:
+                self.run_validation()
+            if step % self.loop.save_interval == 0 or step == self.max_steps:
+                self.save()
+        bar.close()
+        if self.exp.checkpoint_callback_params.save_nemo_on_train_end:
+            self.policy.export_hf(os.path.join(self.log_dir, "hf_model"))
+            log_rank0(logger, "exported the trained policy to %s", os.path.join(self.log_dir, "hf_model"))
+        self.metrics.close()
+        return self.last_val
+
+    def _run_train_step(self) -> dict[str, float]:
+        batch, indices = self.train_data.next_batch()
+        start = time.perf_counter()
+        try:
+            metrics = self.train_step(batch)
+        except FloatingPointError as err:
+            raise NonFiniteLossError(
+                f"{self.algorithm} step {self.state.step + 1} (epoch {self.train_data.sampler.epoch}, this rank's "
+                f"dataset indices {indices}): {err}; stopping without saving"
+            ) from err
+        elapsed = time.perf_counter() - start
+        self.state.step += 1
+        tokens = self.policy.global_sum(batch["attention_mask"].sum()).item()
+        metrics.update(step_time=elapsed, tokens_per_sec=tokens / elapsed,
+                       consumed_samples=self.train_data.sampler.consumed_samples, epoch=self.train_data.sampler.epoch)
+        self.metrics.log("train", metrics, self.state.step)
+        return metrics
+
+    def run_validation(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        totals: dict[str, float] = {}
+        batches = self.val_data.first_batches(self.val_batches)
+        for batch in batches:
+            for name, value in self.validation_step(batch).items():
+                totals[name] = totals.get(name, 0.0) + value / len(batches)
+        self.last_val = totals
+        self.metrics.log("val", totals, self.state.step)
+        log_rank0(logger, "validation at step %d: %s", self.state.step, _fmt(totals))
+        return totals
+
+    def save(self) -> None:
+        monitor = self.exp.checkpoint_callback_params.monitor
+        metric = None
+        if self.last_val:
+            key = monitor.removeprefix("val_")
+            if key not in self.last_val:
+                raise ValueError(f"exp_manager.checkpoint_callback_params.monitor={monitor!r} is not a validation "
+                                 f"metric; available: {sorted('val_' + k for k in self.last_val)}")
+            metric = self.last_val[key]
+        sampler = self.train_data.sampler
+        self.checkpoints.save(self.state.step, self.policy, self.statefuls(),
+                              {"epoch": sampler.epoch, "consumed_samples": sampler.consumed_samples}, metric=metric)
+
+    @staticmethod
+    def _peek_step(path: str | None) -> int | None:
+        if path is None:
+            return None
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return int(json.load(f)["step"])
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())

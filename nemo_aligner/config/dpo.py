@@ -1,0 +1,88 @@
+"""Schema of examples/nlp/gpt/conf/gpt_dpo.yaml (NeMo-Aligner's key names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from nemo_aligner.config.schema import (
+    ExpManagerConfig,
+    LoopConfig,
+    ModelConfig,
+    PretrainedCheckpointConfig,
+    TrainerConfig,
+    _require,
+)
+from nemo_aligner.data.length_policy import LengthPolicy
+from nemo_aligner.losses.preference import PREFERENCE_LOSSES
+
+
+@dataclass
+class DPOLossConfig:
+    """model.dpo: the preference loss and its weights."""
+
+    ref_policy_kl_penalty: float = 0.2  # beta
+    preference_loss: str = "dpo"  # a name in nemo_aligner.losses.PREFERENCE_LOSSES
+    preference_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    preference_average_log_probs: bool = False  # R as a per-token mean instead of a sum
+    sft_average_log_probs: bool = False  # SFT NLL as a per-token mean instead of a sum
+    gt_reward_scale: float = 1.0  # scales the data's reward margin for the rpo_* losses
+    log_prob_forward_micro_batch_size: int = 1  # pairs per forward pass for reference log-probs
+
+    def __post_init__(self) -> None:
+        _require(self.preference_loss in PREFERENCE_LOSSES, "model.dpo.preference_loss", self.preference_loss,
+                 f"one of {sorted(PREFERENCE_LOSSES)}")
+        _require(self.ref_policy_kl_penalty > 0, "model.dpo.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "> 0")
+        _require(self.preference_loss_weight >= 0, "model.dpo.preference_loss_weight", self.preference_loss_weight, ">= 0")
+        _require(self.sft_loss_weight >= 0, "model.dpo.sft_loss_weight", self.sft_loss_weight, ">= 0")
+        if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
+            raise ValueError("model.dpo.preference_loss_weight and model.dpo.sft_loss_weight are both 0: nothing to train")
+        _require(self.log_prob_forward_micro_batch_size >= 1, "model.dpo.log_prob_forward_micro_batch_size",
+                 self.log_prob_forward_micro_batch_size, ">= 1")
+
+
+@dataclass
+class DataPrefix:
+    train: str = "examples/tiny/data/preference_train.jsonl"
+    validation: str = "examples/tiny/data/preference_val.jsonl"
+    test: Optional[str] = None
+
+
+@dataclass
+class PreferenceDataConfig:
+    """model.data: preference JSONL files and how examples become batches."""
+
+    data_prefix: DataPrefix = field(default_factory=DataPrefix)
+    default_chosen_reward: float = 1.0  # when a line has no chosen_reward
+    default_rejected_reward: float = 0.0  # when a line has no rejected_reward
+    length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left  # for pairs longer than encoder_seq_length
+    pad_to_multiple_of: int = 8
+    seed: int = 1234  # shuffling order of the training pairs per epoch
+
+    def __post_init__(self) -> None:
+        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
+
+
+@dataclass
+class DPOModelConfig(ModelConfig):
+    """model: the policy (micro/global batch sizes count preference pairs) plus dpo and data."""
+
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+
+
+@dataclass
+class DPOTrainerConfig(TrainerConfig):
+    dpo: LoopConfig = field(default_factory=LoopConfig)
+
+
+@dataclass
+class DPOJobConfig:
+    trainer: DPOTrainerConfig = field(default_factory=DPOTrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    pretrained_checkpoint: PretrainedCheckpointConfig = field(default_factory=PretrainedCheckpointConfig)
+    model: DPOModelConfig = field(default_factory=DPOModelConfig)
+    # Optional held-out task evaluation before and after training: a Hydra `_target_` callable
+    # taking the policy and returning {name: value}; null disables it.
+    task_eval: Optional[dict[str, Any]] = None

@@ -1,0 +1,25 @@
+"""Build the data loaders an entry script needs from its `model.data` config."""
+
+from __future__ import annotations
+
+import functools
+
+from nemo_aligner.config.dpo import PreferenceDataConfig
+from nemo_aligner.data.collate import dpo_custom_collate
+from nemo_aligner.data.loader import StepDataLoader
+from nemo_aligner.data.preference import PreferenceDataset
+from nemo_aligner.data.sampler import GlobalBatchSampler
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+
+
+def build_preference_loader(path: str, policy: GPTModel, data: PreferenceDataConfig, *, shuffle: bool) -> StepDataLoader:
+    """Preference pairs from `path` (validated whole, up front) in global batches of pairs."""
+    tokenizer = policy.tokenizer
+    dataset = PreferenceDataset(path, tokenizer, max_seq_length=policy.cfg.encoder_seq_length,
+                                length_policy=data.length_policy, default_chosen_reward=data.default_chosen_reward,
+                                default_rejected_reward=data.default_rejected_reward)
+    sampler = GlobalBatchSampler(len(dataset), global_batch_size=policy.cfg.global_batch_size, dp_rank=policy.dp_rank,
+                                 dp_size=policy.dims.dp, seed=data.seed, shuffle=shuffle)
+    collate = functools.partial(dpo_custom_collate, pad_token_id=tokenizer.pad_token_id,
+                                pad_to_multiple_of=data.pad_to_multiple_of)
+    return StepDataLoader(dataset, sampler, collate)
