@@ -1,0 +1,98 @@
+"""GlobalBatchSampler: each sample once per epoch over the ranks, seeded order, and exact resume."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from nemo_aligner.data.sampler import GlobalBatchSampler
+
+N, G, DP, SEED = 22, 4, 2, 5  # 5 global batches per epoch, 2 samples dropped
+
+
+def _sampler(rank: int, seed: int = SEED, shuffle: bool = True) -> GlobalBatchSampler:
+    return GlobalBatchSampler(N, global_batch_size=G, dp_rank=rank, dp_size=DP, seed=seed, shuffle=shuffle)
+
+
+def _stream(sampler: GlobalBatchSampler, batches: int) -> list[list[int]]:
+    return [sampler.next_batch() for _ in range(batches)]
+
+
+def test_each_sample_once_per_epoch_across_ranks():
+    samplers = [_sampler(r) for r in range(DP)]
+    assert samplers[0].batches_per_epoch == 5 and samplers[0].samples_per_epoch == 20
+    for epoch in range(3):
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
+        assert all(s.epoch == epoch for s in samplers)
+        shares = [list(s.epoch_batches()) for s in samplers]
+        assert [len(b) for b in shares] == [5, 5]
+        joined = [i for b in range(5) for r in range(DP) for i in shares[r][b]]  # rank 0's share, then rank 1's
+        assert joined == perm[:20]
+        assert len(set(joined)) == 20
+    assert all(s.epoch == 3 and s.consumed_samples == 60 for s in samplers)
+
+
+def test_order_changes_per_epoch_and_is_fixed_by_the_seed():
+    a, b, other = _sampler(0), _sampler(0), _sampler(0, seed=SEED + 100)
+    stream = _stream(a, 10)
+    assert stream == _stream(b, 10)
+    assert stream != _stream(other, 10)
+    assert stream[:5] != stream[5:]  # epoch 0 vs epoch 1
+
+
+def test_without_shuffle_epochs_follow_dataset_order():
+    sampler = _sampler(1, shuffle=False)
+    assert _stream(sampler, 6) == [[2, 3], [6, 7], [10, 11], [14, 15], [18, 19], [2, 3]]
+
+
+@pytest.mark.parametrize("rank", range(DP))
+def test_resume_from_every_position_matches_the_uninterrupted_stream(rank):
+    total = 3 * 5
+    expected = _stream(_sampler(rank), total)
+    for k in range(total + 1):
+        first = _sampler(rank)
+        head = _stream(first, k)
+        state = first.state_dict()
+        assert state == {"consumed_samples": k * G}
+        resumed = _sampler(rank)
+        resumed.load_state_dict(state)
+        assert resumed.consumed_samples == k * G and resumed.epoch == k // 5
+        assert head + _stream(resumed, total - k) == expected
+
+
+def test_epoch_loop_stops_mid_epoch_and_resumes():
+    expected = _stream(_sampler(0), 15)
+    first = _sampler(0)
+    taken = []
+    for indices in first.epoch_batches():
+        taken.append(indices)
+        if len(taken) == 3:
+            break  # a trainer that hit max_steps, or checkpoints here and is killed
+    resumed = _sampler(0)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(resumed.epoch, 3):
+        taken.extend(resumed.epoch_batches())
+    assert taken == expected
+
+
+def test_construction_logs_the_epoch_size(caplog):
+    with caplog.at_level(logging.INFO, logger="nemo_aligner.data.sampler"):
+        _sampler(0)
+    assert "22 samples, 5 global batches of 4 per epoch (20 samples per epoch, 2 dropped)" in caplog.text
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(num_samples=3, global_batch_size=4, dp_rank=0, dp_size=2), "fewer than one global batch"),
+    (dict(num_samples=10, global_batch_size=5, dp_rank=0, dp_size=2), "multiple of the data-parallel size 2"),
+    (dict(num_samples=10, global_batch_size=4, dp_rank=2, dp_size=2), "dp_rank=2 is outside"),
+])
+def test_invalid_sizes_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GlobalBatchSampler(seed=0, **kwargs)
+
+
+def test_state_from_another_global_batch_size_is_rejected():
+    with pytest.raises(ValueError, match="consumed_samples=6 is not a non-negative multiple of global_batch_size=4"):
+        _sampler(0).load_state_dict({"consumed_samples": 6})
