@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,3 +43,13 @@ def _describe(err: OmegaConfBaseException) -> str:
 def to_yaml(cfg: Any) -> str:
     """The fully resolved config as YAML, for the log directory."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def instantiate_target(spec: dict[str, Any]) -> Any:
+    """Build the object a `_target_` config names; modules are looked up from the working
+    directory too, so `examples.tiny...` targets work when a script runs from the repo root."""
+    import hydra.utils
+
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    return hydra.utils.instantiate(spec)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.dpo import DPOTrainer
 from nemo_aligner.config.dpo import DPOJobConfig
-from nemo_aligner.config.loader import load_config
+from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.data.builders import build_preference_loader
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 from nemo_aligner.utils.distributed import is_rank0, log_rank0
@@ -33,7 +33,7 @@ def main(raw: DictConfig) -> None:
     data = cfg.model.data
     train = build_preference_loader(data.data_prefix.train, policy, data, shuffle=True)
     val = build_preference_loader(data.data_prefix.validation, policy, data, shuffle=False)
-    task_eval = hydra.utils.instantiate(cfg.task_eval) if cfg.task_eval else None
+    task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
     # Everything is validated: from here on the log directory may be written.
     if is_rank0():
         os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)

@@ -1,0 +1,141 @@
+"""DPOTrainer end to end on a tiny random model: exact resume after a kill, every sample once
+per epoch, NaN handling, metrics files, and the entry script's bad-input behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers import REPO
+from nemo_aligner.algorithms.dpo import DPOTrainer
+from nemo_aligner.algorithms.loop import NonFiniteLossError
+from nemo_aligner.config.dpo import DPOJobConfig
+from nemo_aligner.config.loader import load_config
+from nemo_aligner.data.builders import build_preference_loader
+from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
+from nemo_aligner.utils.metrics import read_metrics
+
+PAIRS, GBS = 40, 8  # 5 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def preference_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(PAIRS):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen_response": str(a + b),
+                                "rejected_response": str(a + b + 1), "chosen_reward": 2.0}) + "\n")
+    return str(path)
+
+
+def _config(model_dir: str, data: str, log_dir: str, **loop: object) -> DPOJobConfig:
+    raw = {
+        "trainer": {"precision": "fp32", "log_every_n_steps": 1,
+                    "dpo": {"max_epochs": 2, "save_interval": 3, "val_check_interval": 5, "limit_val_batches": 1, **loop}},
+        "exp_manager": {"explicit_log_dir": log_dir, "create_tensorboard_logger": False},
+        "pretrained_checkpoint": {"restore_from_path": model_dir},
+        "model": {"micro_batch_size": 2, "global_batch_size": GBS, "encoder_seq_length": 32,
+                  "optim": {"lr": 1e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-4}},
+                  "dpo": {"log_prob_forward_micro_batch_size": 2, "sft_loss_weight": 0.1},
+                  "data": {"data_prefix": {"train": data, "validation": data}}},
+        "task_eval": None,
+    }
+    return load_config(DPOJobConfig, OmegaConf.create(raw))
+
+
+def _trainer(cfg: DPOJobConfig, seen: list[list[int]]) -> DPOTrainer:
+    policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
+    data = cfg.model.data
+    train = build_preference_loader(data.data_prefix.train, policy, data, shuffle=True)
+    val = build_preference_loader(data.data_prefix.validation, policy, data, shuffle=False)
+    take = train.sampler.next_batch
+    train.sampler.next_batch = lambda: seen.append(take()) or seen[-1]  # record what each step trained on
+    return DPOTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.dpo, exp=cfg.exp_manager,
+                      log_every_n_steps=1, config_dict={})
+
+
+def _losses(log_dir: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(log_dir, "metrics.jsonl"), "train")]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(llama_dir: str, preference_file: str, tmp_path, monkeypatch) -> None:
+    straight_seen: list[list[int]] = []
+    _trainer(_config(llama_dir, preference_file, str(tmp_path / "straight")), straight_seen).fit()
+    straight = _losses(str(tmp_path / "straight"))
+    assert [s for s, _ in straight] == list(range(1, 11))
+
+    killed_dir = str(tmp_path / "killed")
+    seen: list[list[int]] = []
+    trainer = _trainer(_config(llama_dir, preference_file, killed_dir), seen)
+    real_step = DPOTrainer.train_step
+
+    def die_at_step_8(self: DPOTrainer, batch: dict) -> dict:
+        if self.state.step == 7:  # steps 1-7 done, checkpoint at 6: 7 must be redone after resume
+            raise KeyboardInterrupt("killed")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(DPOTrainer, "train_step", die_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.setattr(DPOTrainer, "train_step", real_step)
+    assert [s for s, _ in _losses(killed_dir)] == list(range(1, 8))
+    seen = seen[:6]  # batches of steps 7 and 8 were taken by the killed process after the checkpoint
+    _trainer(_config(llama_dir, preference_file, killed_dir), seen).fit()
+
+    resumed = _losses(killed_dir)
+    assert [s for s, _ in resumed] == list(range(1, 11))  # step 7 logged once: the killed run's line was dropped
+    assert [l for _, l in resumed] == pytest.approx([l for _, l in straight], abs=1e-6)
+    assert seen == straight_seen
+    per_epoch = PAIRS // GBS
+    for epoch in range(2):
+        samples = [i for batch in seen[epoch * per_epoch:(epoch + 1) * per_epoch] for i in batch]
+        assert sorted(samples) == list(range(PAIRS))  # every sample exactly once per epoch
+    assert os.path.isfile(os.path.join(killed_dir, "hf_model", "config.json"))
+    val = read_metrics(os.path.join(killed_dir, "metrics.jsonl"), "val")
+    assert [r["step"] for r in val] == [5, 10] and {"acc", "rewards_margin_mean", "rewards_all_std"} <= val[0].keys()
+    train_keys = read_metrics(os.path.join(killed_dir, "metrics.jsonl"), "train")[0].keys()
+    assert {"loss", "preference_loss", "sft_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean",
+            "rewards_margin_mean", "rewards_all_mean", "rewards_all_std", "grad_norm", "lr", "consumed_samples",
+            "tokens_per_sec", "step_time"} <= train_keys
+
+
+def test_nan_loss_stops_with_step_and_batch_and_saves_nothing(llama_dir: str, preference_file: str, tmp_path) -> None:
+    log_dir = str(tmp_path / "nan")
+    trainer = _trainer(_config(llama_dir, preference_file, log_dir, save_interval=1), [])
+    real = trainer.policy.reference_logprobs
+    calls = {"n": 0}
+
+    def poisoned(batch: dict) -> torch.Tensor:
+        calls["n"] += 1
+        out = real(batch)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    trainer.policy.reference_logprobs = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"dpo step 3 \(epoch 0, this rank's dataset indices \[\d+"):
+        trainer.fit()
+    checkpoints = sorted(d for d in os.listdir(os.path.join(log_dir, "checkpoints")) if d.startswith("step_"))
+    assert checkpoints == ["step_1", "step_2"]
+    assert not os.path.exists(os.path.join(log_dir, "hf_model"))
+
+
+def test_entry_script_rejects_bad_data_before_writing(llama_dir: str, tmp_path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "chosen_response": "2", "rejected_response": "3"}\n'
+                   '{"prompt": "1+2=", "chosen_response": 3, "rejected_response": "4"}\n'
+                   'not json\n')
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, "examples/nlp/gpt/train_gpt_dpo.py", f"pretrained_checkpoint.restore_from_path={llama_dir}",
+           f"model.data.data_prefix.train={bad}", f"exp_manager.explicit_log_dir={log_dir}", "task_eval=null"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert f"{bad}:2: field 'chosen_response'" in proc.stderr and f"{bad}:3:" in proc.stderr
+    assert not log_dir.exists()
