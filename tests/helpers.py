@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 
@@ -81,3 +83,14 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 300) -> str:
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout + proc.stderr
+
+
+def write_pairs(path: str, pairs: int, seed: int = 0) -> str:
+    """A preference JSONL of addition problems: chosen correct, rejected off by one."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(pairs):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen_response": str(a + b),
+                                "rejected_response": str(a + b + 1), "chosen_reward": 2.0}) + "\n")
+    return path

@@ -3,9 +3,7 @@ per epoch, NaN handling, metrics files, and the entry script's bad-input behavio
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO
+from helpers import REPO, write_pairs
 from nemo_aligner.algorithms.dpo import DPOTrainer
 from nemo_aligner.algorithms.loop import NonFiniteLossError
 from nemo_aligner.config.dpo import DPOJobConfig
@@ -27,14 +25,7 @@ PAIRS, GBS = 40, 8  # 5 steps per epoch
 
 @pytest.fixture(scope="module")
 def preference_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(PAIRS):
-            a, b = rng.randint(1, 99), rng.randint(1, 99)
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen_response": str(a + b),
-                                "rejected_response": str(a + b + 1), "chosen_reward": 2.0}) + "\n")
-    return str(path)
+    return write_pairs(str(tmp_path_factory.mktemp("pref") / "pairs.jsonl"), PAIRS)
 
 
 def _config(model_dir: str, data: str, log_dir: str, **loop: object) -> DPOJobConfig:

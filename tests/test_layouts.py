@@ -1,5 +1,5 @@
 """1 process vs 2 processes (gloo): DP=2 and TP=2 give the same losses, grad norms, log-probs and
-greedy generations; checkpoints saved by 2 processes resume in 1 and the reverse; the
+greedy generations and DPO step metrics; checkpoints saved by 2 processes resume in 1 and the reverse; the
 reference-policy swap works on sharded parameters; exports from either layout match.
 
 Three torchrun launches (tests/distributed/layout_checks.py) record everything once; each test
@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import torchrun
+from helpers import torchrun, write_pairs
 
 SCRIPT = "tests/distributed/layout_checks.py"
 TOL = 1e-5
@@ -24,6 +24,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def runs(llama_dir: str, qwen2_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     work = str(tmp_path_factory.mktemp("layouts"))
+    write_pairs(os.path.join(work, "pairs.jsonl"), 16)
     args = ("--model-dir", llama_dir, "--qwen2-dir", qwen2_dir, "--workdir", work)
     for nproc, phase in ((1, "single"), (2, "parallel"), (1, "resume1")):
         torchrun(nproc, SCRIPT, "--phase", phase, *args)
@@ -73,3 +74,12 @@ def test_exports_from_both_layouts_load_with_equal_weights(runs: dict) -> None:
     two = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "hf_tp2"), dtype=torch.float32)
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(a, b, atol=TOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["dpo_dp2", "dpo_tp2"])
+def test_dpo_steps_match_one_process(runs: dict, layout: str) -> None:
+    """Reference swap, rpo_bwd_kl + SFT loss and every reported metric agree across layouts."""
+    one, two = runs["single"]["dpo"], runs["parallel"][layout]
+    assert [sorted(m) for m in one] == [sorted(m) for m in two]
+    for name in one[0]:
+        _close([m[name] for m in two], [m[name] for m in one])

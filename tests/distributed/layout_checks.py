@@ -1,9 +1,11 @@
 """One torchrun launch that records what the layout tests compare (see tests/test_layouts.py).
 
 Phases:
+The workdir must hold pairs.jsonl (preference pairs) for the DPO steps.
+
   single    (1 process): reference losses/grad norms of N steps (Llama with tied embeddings, and Qwen2), log-probs, greedy generations,
             a checkpoint after K steps (ckpt_1proc), an HF export.
-  parallel  (2 processes): the same steps under DP=2 and under TP=2 (Qwen2: TP=2); DP=2 resumed from
+  parallel  (2 processes): the same steps under DP=2 and under TP=2 (Qwen2: TP=2), DPO steps too; DP=2 resumed from
             ckpt_1proc; TP=2 saving ckpt_2proc after K steps; greedy generation and log-probs
             under TP=2; the reference-policy swap on sharded parameters; an HF export from TP=2.
   resume1   (1 process): resumed from ckpt_2proc.
@@ -20,9 +22,12 @@ import os
 import torch
 import torch.distributed as dist
 
+from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
+from nemo_aligner.data.builders import build_preference_loader
 from nemo_aligner.engines.base import LengthParams, SamplingParams
 from nemo_aligner.losses.sft import sft_loss_fn
+from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
@@ -49,6 +54,25 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
     loss_mask = attention.float()
     loss_mask[:, :3] = 0
     return {"input_ids": ids * attention, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2) -> list[dict[str, float]]:
+    """Metrics of `steps` DPO steps (reference swap, rpo_bwd_kl + SFT term) on the pairs in `data`."""
+    cfg = DPOModelConfig(micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
+                         encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
+                         dpo=DPOLossConfig(preference_loss="rpo_bwd_kl", sft_loss_weight=0.5,
+                                           log_prob_forward_micro_batch_size=1),
+                         data=PreferenceDataConfig(data_prefix=DataPrefix(train=data, validation=data)))
+    trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
+    policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
+    policy.setup_optimizer(max_steps=steps)
+    loader = build_preference_loader(data, policy, cfg.data, shuffle=True)
+    records = []
+    for _ in range(steps):
+        metrics = policy.loss_and_metrics(loader.next_batch()[0], forward_only=False)
+        grad_norm, _ = policy.optimizer_step(1.0)
+        records.append({**metrics, "grad_norm": grad_norm})
+    return records
 
 
 def local_slice(model: GPTModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,7 +121,8 @@ def resume(model: GPTModel, path: str) -> int:
 
 
 def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
-    out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1, precision=precision), 0, STEPS)}
+    out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1, precision=precision), 0, STEPS),
+                 "dpo": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision)}
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
     out["greedy"] = greedy(model)
@@ -110,7 +135,9 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
 
 
 def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
-    out: dict = {"qwen2_tp2_steps": run_steps(build(qwen2_dir, tp=2, precision=precision), 0, STEPS)}
+    out: dict = {"qwen2_tp2_steps": run_steps(build(qwen2_dir, tp=2, precision=precision), 0, STEPS),
+                 "dpo_dp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision),
+                 "dpo_tp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision)}
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1, precision=precision)
