@@ -1,0 +1,1 @@
+"""The embedded tiny default: an arithmetic task, its tokenizer, a tiny pretrained Llama and datasets."""
