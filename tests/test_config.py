@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from helpers import FP32, REPO, model_cfg, pretrained, right_padded_batch
+from nemo_aligner.config.dpo import DPOJobConfig
 from nemo_aligner.config.jobs import ExportToHFConfig
 from nemo_aligner.config.loader import ConfigError, load_config
 from nemo_aligner.config.schema import ModelConfig, OptimConfig
@@ -24,7 +25,8 @@ from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 
 CONF_DIR = os.path.join(REPO, "examples", "nlp", "gpt", "conf")
-SCHEMAS = {"export_to_hf": ExportToHFConfig}
+SCHEMAS = {"export_to_hf": ExportToHFConfig, "gpt_dpo": DPOJobConfig}
+OPAQUE = {"pretrained_checkpoint.model_config", "task_eval"}  # free-form dicts: only the key itself is schema
 
 
 def _schema_keys(schema: type, prefix: str = "") -> set[str]:
@@ -39,7 +41,7 @@ def _schema_keys(schema: type, prefix: str = "") -> set[str]:
 
 
 def _yaml_keys(node: object, prefix: str = "") -> set[str]:
-    if not isinstance(node, dict) or prefix.endswith("model_config."):
+    if not isinstance(node, dict) or prefix.rstrip(".") in OPAQUE:
         return {prefix.rstrip(".")}
     keys = set()
     for key, value in node.items():
@@ -77,6 +79,17 @@ def test_shipped_yaml_lists_every_schema_key_and_loads(name: str) -> None:
 def test_invalid_config_fails_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(ExportToHFConfig, _compose("export_to_hf", [override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.dpo.preference_loss=kto", r"model.dpo.preference_loss='kto' is invalid: it must be one of \['dpo', 'ipo', 'rpo_bwd_kl', 'rpo_fwd_kl', 'rpo_sq'\]"),
+    ("model.data.length_policy=cut", r"'model.data.length_policy'.*expected one of \[truncate_prompt_left, drop\]"),
+    ("trainer.dpo.val_check_interval=1.5", r"val_check_interval=1.5 is invalid"),
+    ("+trainer.dpo.max_step=3", r"unknown config key 'trainer.dpo.max_step'"),
+])
+def test_invalid_dpo_config_fails_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(DPOJobConfig, _compose("gpt_dpo", [override]))
 
 
 def test_unknown_key_in_a_nested_dataclass() -> None:
