@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nemo_aligner.config.schema import ExpManagerConfig, LoopConfig, resolve_count
 from nemo_aligner.data.loader import Batch, StepDataLoader
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
-from nemo_aligner.utils.checkpoint import CheckpointManager, Stateful
+from nemo_aligner.utils.checkpoint import CheckpointManager, ShardedSaveable, Stateful
 from nemo_aligner.utils.distributed import is_rank0, log_rank0
 from nemo_aligner.utils.metrics import MetricsLogger
 
@@ -74,28 +74,42 @@ class BaseTrainer:
 
     # --------------------------------------------------------------- to supply
     def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step; metrics reduced over ranks, including `num_tokens` (all tokens the
+        step's forward/backward passes processed, over all ranks)."""
         raise NotImplementedError
 
     def validation_step(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError
 
     def statefuls(self) -> dict[str, Stateful]:
-        """Everything a checkpoint restores; algorithms may add entries (SPIN: its reference)."""
+        """Small state a checkpoint restores (rank 0's copy); algorithms may add entries."""
         return {"policy": self.policy, "train_data": self.train_data, "trainer": self.state}
+
+    def sharded_statefuls(self) -> dict[str, ShardedSaveable]:
+        """Sharded state beyond the policy's weights and optimizer (SPIN: its reference weights)."""
+        return {}
+
+    def before_train_step(self) -> None:
+        """Hook run before each step (SPIN: pick this iteration's beta)."""
+
+    def after_train_step(self) -> None:
+        """Hook run after each step's bookkeeping, before validation and saving (SPIN: iteration end)."""
 
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
         """Train to max_steps (resuming first if a checkpoint exists); returns the last val metrics."""
         self.policy.setup_optimizer(max_steps=self.max_steps)
         if self._resume_path is not None:
-            self.checkpoints.load(self._resume_path, self.policy, self.statefuls())
+            self.checkpoints.load(self._resume_path, self.policy, self.statefuls(), self.sharded_statefuls())
         log_rank0(logger, "%s: %d steps (%d per epoch), validation every %d steps on %d batches, resuming at step %d",
                   self.algorithm, self.max_steps, self.train_data.sampler.batches_per_epoch, self.val_interval,
                   self.val_batches, self.state.step)
         bar = tqdm(total=self.max_steps, initial=self.state.step, desc=self.algorithm, unit="step",
                    disable=not is_rank0(), dynamic_ncols=True)
         while self.state.step < self.max_steps:
+            self.before_train_step()
             metrics = self._run_train_step()
+            self.after_train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
             step = self.state.step
@@ -124,8 +138,7 @@ class BaseTrainer:
             ) from err
         elapsed = time.perf_counter() - start
         self.state.step += 1
-        tokens = self.policy.global_sum(batch["attention_mask"].sum()).item()
-        metrics.update(step_time=elapsed, tokens_per_sec=tokens / elapsed,
+        metrics.update(step_time=elapsed, tokens_per_sec=metrics.pop("num_tokens") / elapsed,
                        consumed_samples=self.train_data.sampler.consumed_samples, epoch=self.train_data.sampler.epoch)
         self.metrics.log("train", metrics, self.state.step)
         return metrics
@@ -136,7 +149,9 @@ class BaseTrainer:
         totals: dict[str, float] = {}
         batches = self.val_data.first_batches(self.val_batches)
         for batch in batches:
-            for name, value in self.validation_step(batch).items():
+            metrics = self.validation_step(batch)
+            metrics.pop("num_tokens")
+            for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value / len(batches)
         self.last_val = totals
         self.metrics.log("val", totals, self.state.step)
@@ -154,7 +169,8 @@ class BaseTrainer:
             metric = self.last_val[key]
         sampler = self.train_data.sampler
         self.checkpoints.save(self.state.step, self.policy, self.statefuls(),
-                              {"epoch": sampler.epoch, "consumed_samples": sampler.consumed_samples}, metric=metric)
+                              {"epoch": sampler.epoch, "consumed_samples": sampler.consumed_samples}, metric=metric,
+                              sharded_extras=self.sharded_statefuls())
 
     @staticmethod
     def _peek_step(path: str | None) -> int | None:

@@ -19,4 +19,4 @@ def sft_loss_fn(logprobs: torch.Tensor, batch: Batch, *, global_num_tokens: torc
     how micro-batches and data-parallel ranks split the batch.
     """
     mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
-    return masked_nll_sum(logprobs, mask) / global_num_tokens, {"num_tokens": mask.sum()}
+    return masked_nll_sum(logprobs, mask) / global_num_tokens, {}

@@ -2,6 +2,7 @@
 
 Layout of `<checkpoint_dir>/step_<N>/`:
   model/               sharded weights + optimizer state (the engine's DCP checkpoint)
+  <name>/              further sharded state, e.g. SPIN's reference weights (`sharded_extras`)
   extra_state.pt       state dicts of the named Statefuls (scheduler, sampler, ...), rank 0
   rng/rank_<r>.pt      Python and torch RNG states of each rank
   trainer_state.json   step, epoch, consumed_samples, monitored metric; written last
@@ -58,7 +59,8 @@ class CheckpointManager:
         self.mode = mode
 
     def save(self, step: int, model: ShardedSaveable, statefuls: Mapping[str, Stateful],
-             trainer_state: dict[str, Any], metric: float | None = None) -> str:
+             trainer_state: dict[str, Any], metric: float | None = None,
+             sharded_extras: Mapping[str, ShardedSaveable] | None = None) -> str:
         """Write checkpoint `step_<step>` collectively; returns its path once it is `latest`."""
         final = os.path.join(self.checkpoint_dir, f"step_{step}")
         tmp = final + ".tmp"
@@ -67,6 +69,8 @@ class CheckpointManager:
             os.makedirs(os.path.join(tmp, "rng"))
         barrier()
         model.save(os.path.join(tmp, "model"))
+        for name, extra in (sharded_extras or {}).items():
+            extra.save(os.path.join(tmp, name))
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
         if is_rank0():
             torch.save({name: s.state_dict() for name, s in statefuls.items()}, os.path.join(tmp, "extra_state.pt"))
@@ -94,7 +98,8 @@ class CheckpointManager:
             raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint (no {TRAINER_STATE})")
         return path
 
-    def load(self, path: str, model: ShardedSaveable, statefuls: Mapping[str, Stateful]) -> dict[str, Any]:
+    def load(self, path: str, model: ShardedSaveable, statefuls: Mapping[str, Stateful],
+             sharded_extras: Mapping[str, ShardedSaveable] | None = None) -> dict[str, Any]:
         """Restore everything `save` wrote into `model` and `statefuls`; returns the trainer state.
 
         Works across layouts (e.g. saved by 2 ranks, resumed by 1): weights are resharded; a rank
@@ -103,6 +108,8 @@ class CheckpointManager:
         with open(os.path.join(path, TRAINER_STATE)) as f:
             trainer_state = json.load(f)
         model.load(os.path.join(path, "model"))
+        for name, sharded in (sharded_extras or {}).items():
+            sharded.load(os.path.join(path, name))
         extra = torch.load(os.path.join(path, "extra_state.pt"), weights_only=False)
         missing = set(statefuls) - set(extra)
         if missing:

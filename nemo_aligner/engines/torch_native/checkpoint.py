@@ -30,6 +30,11 @@ def save_sharded(module: nn.Module, optimizer: torch.optim.Optimizer, path: str)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 
+def save_weights(module: nn.Module, path: str) -> None:
+    """Each rank writes its shards of the weights only (DCP); `load_sharded(..., None, path)` reads them."""
+    dcp.save({"model": get_model_state_dict(module)}, checkpoint_id=path)
+
+
 def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, path: str) -> None:
     """Load a `save_sharded` checkpoint into any (dp, tp) layout; DCP reshards as needed."""
     if optimizer is None:

@@ -75,7 +75,8 @@ class TorchNativeEngine:
     def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn, *, forward_only: bool) -> dict[str, torch.Tensor]:
         """Run `loss_fn` on each micro-batch's log-probs; accumulate gradients unless forward_only.
 
-        Returns this rank's metric sums (summed over micro-batches), including `loss`.
+        Returns this rank's metric sums (summed over micro-batches), including `loss` and
+        `num_tokens` (real tokens processed).
         """
         totals: dict[str, torch.Tensor] = {}
         for mb in micro_batches:
@@ -85,6 +86,7 @@ class TorchNativeEngine:
                 # FSDP averages gradients over dp ranks; the loss is already a share of the global
                 # mean, so scale back up to make the reduction a sum.
                 (loss * self.dp_size).backward()
+            metrics = {**metrics, "num_tokens": mb["attention_mask"].sum()}
             for name, value in {"loss": loss, **metrics}.items():
                 value = value.detach().float()
                 totals[name] = totals[name] + value if name in totals else value
@@ -177,6 +179,9 @@ class TorchNativeEngine:
 
     def load(self, path: str, *, with_optimizer: bool = True) -> None:
         checkpoint.load_sharded(self.module, self.optimizer if with_optimizer else None, path)
+
+    def save_weights(self, path: str) -> None:
+        checkpoint.save_weights(self.module, path)
 
     def export_hf(self, path: str, dtype: torch.dtype = torch.float32) -> None:
         checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=dtype)

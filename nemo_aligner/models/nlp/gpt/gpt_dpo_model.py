@@ -8,7 +8,6 @@ The reference is the initial model, kept as a CPU copy and swapped in to score e
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -17,6 +16,7 @@ from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.engines.base import Batch
 from nemo_aligner.losses.preference import get_preference_loss, sequence_log_ratio, sequence_nll
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.models.nlp.gpt.reward_metrics import finalize_reward_metrics, reward_moments
 from nemo_aligner.utils.ref_policy import cpu_weight_swap, retrieve_model_state_dict_in_cpu
 
 
@@ -37,26 +37,19 @@ def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, cfg: DPOLossConfig,
                                                           gt_margin=gt_margin)
     sft = sequence_nll(logprobs[0::2], mask[0::2], average=cfg.sft_average_log_probs)
     loss = (cfg.preference_loss_weight * preference + cfg.sft_loss_weight * sft).sum() / global_pairs
-    reward_chosen, reward_rejected = cfg.ref_policy_kl_penalty * chosen, cfg.ref_policy_kl_penalty * rejected
     metrics = {
         "preference_loss": preference.sum() / global_pairs,
         "sft_loss": sft.sum() / global_pairs,
         "acc": (chosen > rejected).float().sum() / global_pairs,
-        "rewards_chosen_mean": reward_chosen.sum() / global_pairs,
-        "rewards_rejected_mean": reward_rejected.sum() / global_pairs,
-        "rewards_all_mean": (reward_chosen.sum() + reward_rejected.sum()) / (2 * global_pairs),
-        "rewards_all_sq_mean": (reward_chosen.square().sum() + reward_rejected.square().sum()) / (2 * global_pairs),
+        **reward_moments(cfg.ref_policy_kl_penalty * chosen, cfg.ref_policy_kl_penalty * rejected, global_pairs,
+                         first_name="chosen", second_name="rejected"),
     }
     return loss, metrics
 
 
 def finalize_dpo_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """Globally reduced sums -> reported floats (adds the reward margin and std)."""
-    out = {name: value.item() for name, value in sums.items() if name != "rewards_all_sq_mean"}
-    out["rewards_margin_mean"] = out["rewards_chosen_mean"] - out["rewards_rejected_mean"]
-    variance = sums["rewards_all_sq_mean"].item() - out["rewards_all_mean"] ** 2
-    out["rewards_all_std"] = math.sqrt(max(variance, 0.0))
-    return out
+    return finalize_reward_metrics(sums, margin_of=("chosen", "rejected"))
 
 
 class GPTDPOModel(GPTModel):

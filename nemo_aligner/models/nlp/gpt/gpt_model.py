@@ -134,6 +134,10 @@ class GPTModel:
     def load(self, path: str, *, with_optimizer: bool = True) -> None:
         self.engine.load(path, with_optimizer=with_optimizer)
 
+    def save_weights(self, path: str) -> None:
+        """Sharded weights only (no optimizer); `load(path, with_optimizer=False)` reads them."""
+        self.engine.save_weights(path)
+
     def state_dict(self) -> dict[str, object]:
         """Non-weight training state (LR scheduler, generation counter), for the checkpoint."""
         return self.engine.state_dict()

@@ -1,0 +1,125 @@
+"""Schema of examples/nlp/gpt/conf/gpt_spin.yaml (NeMo-Aligner's key names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from nemo_aligner.config.schema import (
+    ExpManagerConfig,
+    LoopConfig,
+    ModelConfig,
+    PretrainedCheckpointConfig,
+    TrainerConfig,
+    _require,
+)
+from nemo_aligner.data.length_policy import LengthPolicy
+from nemo_aligner.engines.base import LengthParams, SamplingParams
+
+
+@dataclass
+class SamplingParamsConfig:
+    """How the rejected responses are sampled (NeMo-Aligner's sampling_params keys)."""
+
+    use_greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0  # 1.0 disables nucleus sampling
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "sampling_params.temperature", self.temperature, "> 0")
+        _require(self.top_k >= 0, "sampling_params.top_k", self.top_k, ">= 0")
+        _require(0 < self.top_p <= 1, "sampling_params.top_p", self.top_p, "in (0, 1]")
+
+    def build(self) -> SamplingParams:
+        return SamplingParams(use_greedy=self.use_greedy, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@dataclass
+class LengthParamsConfig:
+    """How long the generations may be (NeMo-Aligner's length_params keys), in new tokens."""
+
+    max_length: int = 16
+    min_length: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 1, "length_params.max_length", self.max_length, ">= 1")
+        _require(0 <= self.min_length <= self.max_length, "length_params.min_length", self.min_length,
+                 f"in [0, max_length={self.max_length}]")
+
+    def build(self) -> LengthParams:
+        return LengthParams(max_length=self.max_length, min_length=self.min_length)
+
+
+@dataclass
+class SPINConfig:
+    """model.spin: the SPIN loss and how the rejected (self-generated) responses are made."""
+
+    ref_policy_kl_penalty: Any = 0.1  # beta: a float, or a list with one value per iteration
+    rollout_micro_batch_size: int = 16  # prompts per generate call on one data-parallel rank
+    offload_adam_states: bool = True  # move optimizer state to CPU while generating
+    sampling_params: SamplingParamsConfig = field(default_factory=SamplingParamsConfig)
+    length_params: LengthParamsConfig = field(default_factory=LengthParamsConfig)
+
+    def __post_init__(self) -> None:
+        betas = self.ref_policy_kl_penalty if isinstance(self.ref_policy_kl_penalty, (list, tuple)) else [self.ref_policy_kl_penalty]
+        ok = len(betas) >= 1 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in betas)
+        _require(ok, "model.spin.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "a number > 0 or a list of them")
+        _require(self.rollout_micro_batch_size >= 1, "model.spin.rollout_micro_batch_size", self.rollout_micro_batch_size, ">= 1")
+
+
+@dataclass
+class SFTFileConfig:
+    file_path: str = "examples/tiny/data/sft_train.jsonl"
+
+
+@dataclass
+class SFTDataConfig:
+    """model.data: SFT JSONL files (input/output or chat messages)."""
+
+    train_ds: SFTFileConfig = field(default_factory=SFTFileConfig)
+    validation_ds: SFTFileConfig = field(default_factory=lambda: SFTFileConfig("examples/tiny/data/sft_val.jsonl"))
+    length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left
+    pad_to_multiple_of: int = 8
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
+
+
+@dataclass
+class SPINModelConfig(ModelConfig):
+    """model: the policy (batch sizes count prompts, i.e. pairs of actual and generated) plus spin and data."""
+
+    spin: SPINConfig = field(default_factory=SPINConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+
+
+@dataclass
+class SPINLoopConfig(LoopConfig):
+    max_iterations: int = 1  # reference updates: each iteration runs max_epochs over the data
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.max_iterations >= 1, "trainer.spin.max_iterations", self.max_iterations, ">= 1")
+
+
+@dataclass
+class SPINTrainerConfig(TrainerConfig):
+    spin: SPINLoopConfig = field(default_factory=SPINLoopConfig)
+
+
+@dataclass
+class SPINJobConfig:
+    trainer: SPINTrainerConfig = field(default_factory=SPINTrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    pretrained_checkpoint: PretrainedCheckpointConfig = field(default_factory=PretrainedCheckpointConfig)
+    model: SPINModelConfig = field(default_factory=SPINModelConfig)
+    # Held-out task evaluation after every iteration (a Hydra `_target_` callable); null disables it.
+    task_eval: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        betas = self.model.spin.ref_policy_kl_penalty
+        if isinstance(betas, (list, tuple)) and len(betas) != self.trainer.spin.max_iterations:
+            raise ValueError(f"model.spin.ref_policy_kl_penalty has {len(betas)} values but trainer.spin.max_iterations="
+                             f"{self.trainer.spin.max_iterations}; give one beta per iteration (or a single number)")
