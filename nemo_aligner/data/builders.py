@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 
 from nemo_aligner.config.dpo import PreferenceDataConfig
-from nemo_aligner.data.collate import dpo_custom_collate
+from nemo_aligner.config.spin import SFTDataConfig
+from nemo_aligner.data.collate import dpo_custom_collate, sft_collate
 from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.data.preference import PreferenceDataset
 from nemo_aligner.data.sampler import GlobalBatchSampler
+from nemo_aligner.data.sft import SFTDataset
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
 
@@ -21,5 +23,19 @@ def build_preference_loader(path: str, policy: GPTModel, data: PreferenceDataCon
     sampler = GlobalBatchSampler(len(dataset), global_batch_size=policy.cfg.global_batch_size, dp_rank=policy.dp_rank,
                                  dp_size=policy.dims.dp, seed=data.seed, shuffle=shuffle)
     collate = functools.partial(dpo_custom_collate, pad_token_id=tokenizer.pad_token_id,
+                                pad_to_multiple_of=data.pad_to_multiple_of)
+    return StepDataLoader(dataset, sampler, collate)
+
+
+def build_sft_loader(path: str, policy: GPTModel, data: SFTDataConfig, *, response_budget: int,
+                     shuffle: bool) -> StepDataLoader:
+    """SFT examples from `path` (validated whole, up front) in global batches, collated as
+    right-padded prompt + response rows; `response_budget` reserves room for generations."""
+    tokenizer = policy.tokenizer
+    dataset = SFTDataset(path, tokenizer, max_seq_length=policy.cfg.encoder_seq_length,
+                         length_policy=data.length_policy, response_budget=response_budget)
+    sampler = GlobalBatchSampler(len(dataset), global_batch_size=policy.cfg.global_batch_size, dp_rank=policy.dp_rank,
+                                 dp_size=policy.dims.dp, seed=data.seed, shuffle=shuffle)
+    collate = functools.partial(sft_collate, pad_token_id=tokenizer.pad_token_id,
                                 pad_to_multiple_of=data.pad_to_multiple_of)
     return StepDataLoader(dataset, sampler, collate)

@@ -1,4 +1,5 @@
-"""Collate preference pairs into one right-padded training batch in THE pair layout.
+"""Collate examples into batches: preference pairs and SFT examples right-padded for training, prompts
+left-padded for generation.
 
 Pair layout (defined here, used everywhere): a batch of P pairs has 2P rows, interleaved:
     row 2i     = pair i's prompt + chosen response,
@@ -14,15 +15,19 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+TokenIds = Sequence[int] | torch.Tensor
+"""Token ids: a list of ints or a 1-D integer tensor."""
+
 
 def dpo_custom_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: int,
                        pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Stacks preference pairs into the interleaved pair layout, right-padded.
 
     Args:
-        examples: P pairs, as PreferenceDataset items: prompt_ids [P_i], chosen_ids, rejected_ids
-            (lists of ints or 1-D integer tensors; each response ends with its EOS), chosen_reward,
-            rejected_reward (floats).
+        examples: P pairs, as PreferenceDataset items (or built by SPIN from generations):
+            prompt_ids [P_i], chosen_ids, rejected_ids (lists of ints or 1-D integer tensors; each
+            response ends with its EOS, and may be that EOS alone), chosen_reward, rejected_reward
+            (floats).
         pad_token_id: the id written into padding positions (masked out everywhere).
         pad_to_multiple_of: T is rounded up to a multiple of this (e.g. 8 for tensor cores, or the
             tensor/context-parallel size).
@@ -35,19 +40,86 @@ def dpo_custom_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: i
         T is the longest row rounded up to a multiple of pad_to_multiple_of.
 
     Raises:
-        ValueError: no examples, or pad_to_multiple_of < 1.
+        ValueError: no examples, pad_to_multiple_of < 1, ids that are not 1-D, or an empty response.
     """
-    if not examples:
-        raise ValueError("dpo_custom_collate got no examples")
-    if pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
-    rows: list[tuple[list[int], int]] = []  # (ids, prompt length) per row
+    rows: list[tuple[list[int], int]] = []
     rewards: list[float] = []
     for example in examples:
-        prompt = _as_list(example["prompt_ids"])
         for side in ("chosen", "rejected"):
-            rows.append((prompt + _as_list(example[f"{side}_ids"]), len(prompt)))
+            rows.append(_row(example["prompt_ids"], example[f"{side}_ids"], side))
             rewards.append(float(example[f"{side}_reward"]))
+    batch = _right_padded(rows, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                          caller="dpo_custom_collate")
+    batch["rewards"] = torch.tensor(rewards, dtype=torch.float32)
+    return batch
+
+
+def sft_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: int,
+                pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Stacks prompt + response examples, one row each, right-padded.
+
+    Args:
+        examples: B examples, as SFTDataset items: prompt_ids [P_i], response_ids [R_i] (lists of
+            ints or 1-D integer tensors; the response ends with its EOS).
+        pad_token_id: the id written into padding positions (masked out everywhere).
+        pad_to_multiple_of: T is rounded up to a multiple of this.
+
+    Returns:
+        input_ids [B, T] int64: prompt + response, then pad_token_id;
+        attention_mask [B, T] int64: 1 on real tokens, 0 on padding;
+        loss_mask [B, T] float32: 1 on response tokens (the EOS included), 0 on prompt and padding.
+        T is the longest row rounded up to a multiple of pad_to_multiple_of.
+
+    Raises:
+        ValueError: no examples, pad_to_multiple_of < 1, ids that are not 1-D, or an empty response.
+    """
+    rows = [_row(example["prompt_ids"], example["response_ids"], "response") for example in examples]
+    return _right_padded(rows, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, caller="sft_collate")
+
+
+def prompt_collate(prompt_ids_list: Sequence[TokenIds], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stacks prompts left-padded, so every prompt ends at the last column and generation appends after it.
+
+    Args:
+        prompt_ids_list: B prompts, each [P_i] (a list of ints or a 1-D integer tensor), non-empty.
+        pad_token_id: the id written into padding positions.
+
+    Returns:
+        input_ids [B, P] int64: pad_token_id, then the prompt; P = max P_i;
+        attention_mask [B, P] int64: 0 on the left padding, 1 on the prompt.
+
+    Raises:
+        ValueError: no prompts, ids that are not 1-D, or an empty prompt.
+    """
+    if not prompt_ids_list:
+        raise ValueError("prompt_collate got no prompts")
+    prompts = [_as_list(ids, "prompt_ids") for ids in prompt_ids_list]
+    if not all(prompts):
+        raise ValueError(f"prompt_collate got an empty prompt (row {[len(p) for p in prompts].index(0)})")
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _row(prompt_ids: TokenIds, response_ids: TokenIds, name: str) -> tuple[list[int], int]:
+    """(prompt + response ids, prompt length): one training row before padding."""
+    prompt, response = _as_list(prompt_ids, "prompt_ids"), _as_list(response_ids, f"{name}_ids")
+    if not response:
+        raise ValueError(f"{name}_ids is empty; a response holds at least its EOS")
+    return prompt + response, len(prompt)
+
+
+def _right_padded(rows: Sequence[tuple[list[int], int]], *, pad_token_id: int, pad_to_multiple_of: int,
+                  caller: str) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and loss_mask [N, T] of rows given as (ids, prompt length)."""
+    if not rows:
+        raise ValueError(f"{caller} got no examples")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
     longest = max(len(ids) for ids, _ in rows)
     seq_len = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), seq_len), pad_token_id, dtype=torch.long)
@@ -57,10 +129,13 @@ def dpo_custom_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: i
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, :len(ids)] = 1
         loss_mask[row, prompt_len:len(ids)] = 1.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "rewards": torch.tensor(rewards, dtype=torch.float32)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
-    """Token ids as a list of ints, from a list or a 1-D tensor."""
-    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+def _as_list(ids: TokenIds, name: str) -> list[int]:
+    """Token ids as a list of ints, from a list or a 1-D tensor (on any device)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
+        return ids.tolist()
+    return list(ids)

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class FieldType(enum.Enum):
 
     TEXT = "a string"
     TEXT_OR_MESSAGES = "a string or a list of {role, content} messages"
+    MESSAGES = "a list of {role, content} messages"
     NUMBER = "a number"
 
 
@@ -54,6 +55,10 @@ class FieldSpec:
 Schema = Mapping[str, FieldSpec]
 """Field name -> its spec. Fields a record has beyond the schema are ignored."""
 
+RecordCheck = Callable[[Mapping[str, Any]], list[str]]
+"""Checks that span fields: takes a record whose fields all match the schema, returns its problems,
+each as ``"field 'name': problem"`` (empty if none)."""
+
 
 @dataclass(frozen=True)
 class JsonlRecord:
@@ -63,17 +68,21 @@ class JsonlRecord:
     fields: dict[str, Any]
 
 
-def load_jsonl_records(path: str | os.PathLike[str], schema: Schema) -> list[JsonlRecord]:
+def load_jsonl_records(path: str | os.PathLike[str], schema: Schema, *,
+                       record_check: RecordCheck | None = None) -> list[JsonlRecord]:
     """Reads a whole JSONL file and returns its records, or raises listing every problem in it.
 
     Blank lines are skipped. Checked per line: valid UTF-8, valid JSON, a JSON object, and per
     schema field: present if required, the right type, not an empty string unless allowed, and
     for chat messages a non-empty list of ``{"role": str, "content": str}`` objects whose roles
-    are in CHAT_ROLES. Booleans are not numbers; NaN and infinities are rejected.
+    are in CHAT_ROLES. Booleans are not numbers; NaN and infinities are rejected. A record that
+    passes all of that then goes through record_check, if given.
 
     Args:
         path: the JSONL file.
         schema: what each record must hold.
+        record_check: checks that span fields (e.g. "either these fields or that one"); its
+            problems are reported like the schema's, with the path and line.
 
     Returns:
         The records in file order, each with its line number.
@@ -93,6 +102,8 @@ def load_jsonl_records(path: str | os.PathLike[str], schema: Schema) -> list[Jso
         if not raw.strip():
             continue
         value, line_problems = _parse_line(raw, schema)
+        if not line_problems and record_check is not None:
+            line_problems = record_check(value)
         problems.extend(f"{path}:{line_no}: {problem}" for problem in line_problems)
         if not line_problems:
             records.append(JsonlRecord(line=line_no, fields=value))
@@ -132,9 +143,9 @@ def _field_problem(value: Any, spec: FieldSpec) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"expected {spec.type.value}, got {_json_type(value)}"
         return None if math.isfinite(value) else f"expected a finite number, got {value}"
-    if isinstance(value, str):
+    if isinstance(value, str) and spec.type is not FieldType.MESSAGES:
         return "empty string" if not value and not spec.allow_empty else None
-    if spec.type is FieldType.TEXT_OR_MESSAGES and isinstance(value, list):
+    if spec.type is not FieldType.TEXT and isinstance(value, list):
         return _messages_problem(value)
     return f"expected {spec.type.value}, got {_json_type(value)}"
 

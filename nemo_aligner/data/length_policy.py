@@ -85,7 +85,8 @@ class LengthStats:
         self.truncated += int(len(fitted) < len(prompt_ids))
 
 
-def log_length_stats(stats: LengthStats, *, source: str, unit: str, max_seq_length: int) -> None:
+def log_length_stats(stats: LengthStats, *, source: str, unit: str, max_seq_length: int,
+                     response_budget: int = 0) -> None:
     """Logs one line (on rank 0) with what the length policy did to a data file.
 
     Args:
@@ -93,6 +94,79 @@ def log_length_stats(stats: LengthStats, *, source: str, unit: str, max_seq_leng
         source: the data file, as the user named it.
         unit: what an example is called in the line ("pairs", "examples", ...).
         max_seq_length: the limit that was applied.
+        response_budget: the room kept for a generated response (see LengthFitter); named in the
+            line only if not 0.
     """
-    log_rank0(logger, "%s: %d %s, %d truncated (prompt cut from the left), %d dropped (longer than max_seq_length=%d)",
-              source, stats.total, unit, stats.truncated, stats.dropped, max_seq_length)
+    budget = f" with a response of at least {response_budget} tokens" if response_budget else ""
+    log_rank0(logger,
+              "%s: %d %s, %d truncated (prompt cut from the left), %d dropped (longer than max_seq_length=%d%s)",
+              source, stats.total, unit, stats.truncated, stats.dropped, max_seq_length, budget)
+
+
+class LengthFitter:
+    """Applies the length policy to every example of one data file, counts the outcomes and reports them.
+
+    A dataset calls ``fit`` once per example and ``finish`` once after the last; ``stats`` holds the
+    counts. With a response_budget, each example also keeps room for a response of that many tokens
+    that will be generated for its prompt later (SPIN, rejection sampling), so the prompt fits with
+    the longer of its own responses and the budget.
+
+    Attributes:
+        stats: what the policy did so far.
+    """
+
+    def __init__(self, *, max_seq_length: int, policy: LengthPolicy, bos_token_id: int | None,
+                 response_budget: int = 0) -> None:
+        """
+        Args:
+            max_seq_length: the longest prompt + response allowed.
+            policy: what happens to an example longer than that.
+            bos_token_id: the tokenizer's BOS id, or None if it has none (see fit_prompt).
+            response_budget: the most tokens a generated response takes (its EOS included); 0 for
+                data whose responses are all in the file.
+
+        Raises:
+            ValueError: max_seq_length < 2, or response_budget is negative or leaves no room for a
+                prompt token.
+        """
+        if max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be at least 2 (a prompt token and EOS), got {max_seq_length}")
+        if not 0 <= response_budget < max_seq_length:
+            raise ValueError(f"response_budget must be in [0, max_seq_length={max_seq_length}) so that a prompt "
+                             f"token fits beside it, got {response_budget}")
+        self.max_seq_length, self.policy, self.bos_token_id = max_seq_length, policy, bos_token_id
+        self.response_budget = response_budget
+        self.stats = LengthStats()
+
+    def fit(self, prompt_ids: Sequence[int], response_ids: Sequence[Sequence[int]]) -> list[int] | None:
+        """One example's prompt fitted by fit_prompt (counted), or None if it is dropped.
+
+        Args:
+            prompt_ids: [P] the prompt's ids.
+            response_ids: the example's responses, each [R_i]; the budget joins them as one more.
+        """
+        candidates = [*response_ids, range(self.response_budget)]
+        fitted = fit_prompt(prompt_ids, candidates, max_seq_length=self.max_seq_length, policy=self.policy,
+                            bos_token_id=self.bos_token_id)
+        self.stats.count(prompt_ids, fitted)
+        return fitted
+
+    def finish(self, *, source: str, unit: str) -> None:
+        """Logs the file's counts (log_length_stats) and raises if no example was kept.
+
+        Args:
+            source: the data file, as the user named it.
+            unit: what an example is called ("pairs", "examples", ...).
+
+        Raises:
+            ValueError: every example was dropped.
+        """
+        log_length_stats(self.stats, source=source, unit=unit, max_seq_length=self.max_seq_length,
+                         response_budget=self.response_budget)
+        if self.stats.kept:
+            return
+        budget = f" (with response_budget={self.response_budget})" if self.response_budget else ""
+        fix = "raise the limit" if self.policy is LengthPolicy.truncate_prompt_left else \
+            "raise the limit or use truncate_prompt_left"
+        raise ValueError(f"{source}: all {self.stats.total} {unit} are longer than max_seq_length="
+                         f"{self.max_seq_length}{budget} under length_policy={self.policy.value}; {fix}")

@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from nemo_aligner.data.jsonl import DataFormatError, FieldSpec, FieldType, JsonlRecord, load_jsonl_records
-from nemo_aligner.data.length_policy import LengthPolicy, LengthStats, fit_prompt, log_length_stats
-from nemo_aligner.data.tokenization import render_prompt, tokenize_prompt, tokenize_response
+from nemo_aligner.data.jsonl import FieldSpec, FieldType, JsonlRecord, load_jsonl_records
+from nemo_aligner.data.length_policy import LengthFitter, LengthPolicy
+from nemo_aligner.data.tokenization import tokenize_record_prompt, tokenize_response
 
 logger = logging.getLogger(__name__)
 
@@ -66,40 +66,16 @@ class PreferenceDataset(Dataset):
                 chat prompt cannot be rendered.
             ValueError: max_seq_length < 2, or no pair is left after the length policy.
         """
-        if max_seq_length < 2:
-            raise ValueError(f"max_seq_length must be at least 2 (a prompt token and EOS), got {max_seq_length}")
-        self.stats = LengthStats()
+        fitter = LengthFitter(max_seq_length=max_seq_length, policy=length_policy, bos_token_id=tokenizer.bos_token_id)
+        self.stats = fitter.stats
         self._items: list[dict[str, Any]] = []
         for record in load_jsonl_records(path, PREFERENCE_SCHEMA):
-            item = self._tokenize(record, path, tokenizer, max_seq_length, length_policy)
+            item = _tokenize(record, path, tokenizer, fitter)
             if item is not None:
                 item["chosen_reward"] = float(record.fields.get("chosen_reward", default_chosen_reward))
                 item["rejected_reward"] = float(record.fields.get("rejected_reward", default_rejected_reward))
                 self._items.append(item)
-        log_length_stats(self.stats, source=os.fspath(path), unit="pairs", max_seq_length=max_seq_length)
-        if not self._items:
-            raise ValueError(f"{path}: all {self.stats.total} pairs are longer than max_seq_length={max_seq_length} "
-                             f"under length_policy={length_policy.value}; raise the limit or use truncate_prompt_left")
-
-    def _tokenize(self, record: JsonlRecord, path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase,
-                  max_seq_length: int, length_policy: LengthPolicy) -> dict[str, Any] | None:
-        """One record's ids fitted to max_seq_length (counted in self.stats), or None if dropped."""
-        try:
-            prompt_text, from_template = render_prompt(record.fields["prompt"], tokenizer)
-        except Exception as err:  # the chat template's own errors (jinja2) have no common base but Exception
-            raise DataFormatError(f"{path}:{record.line}: field 'prompt': cannot render it "
-                                  f"({type(err).__name__}: {err})") from err
-        prompt_ids = tokenize_prompt(tokenizer, prompt_text, from_template=from_template)
-        chosen_ids = tokenize_response(tokenizer, record.fields["chosen_response"])
-        rejected_ids = tokenize_response(tokenizer, record.fields["rejected_response"])
-        fitted = fit_prompt(prompt_ids, (chosen_ids, rejected_ids), max_seq_length=max_seq_length,
-                            policy=length_policy, bos_token_id=tokenizer.bos_token_id)
-        self.stats.count(prompt_ids, fitted)
-        if fitted is None:
-            return None
-        return {"prompt_ids": torch.tensor(fitted, dtype=torch.long),
-                "chosen_ids": torch.tensor(chosen_ids, dtype=torch.long),
-                "rejected_ids": torch.tensor(rejected_ids, dtype=torch.long)}
+        fitter.finish(source=os.fspath(path), unit="pairs")
 
     def __len__(self) -> int:
         return len(self._items)
@@ -107,3 +83,18 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The pair at index: prompt_ids [P], chosen_ids [Rc], rejected_ids [Rr], chosen_reward, rejected_reward."""
         return dict(self._items[index])
+
+
+def _tokenize(record: JsonlRecord, path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase,
+              fitter: LengthFitter) -> dict[str, Any] | None:
+    """One record's ids fitted to max_seq_length (counted by the fitter), or None if dropped."""
+    where = f"{path}:{record.line}: field 'prompt'"
+    prompt_ids = tokenize_record_prompt(tokenizer, record.fields["prompt"], where=where)
+    chosen_ids = tokenize_response(tokenizer, record.fields["chosen_response"])
+    rejected_ids = tokenize_response(tokenizer, record.fields["rejected_response"])
+    fitted = fitter.fit(prompt_ids, (chosen_ids, rejected_ids))
+    if fitted is None:
+        return None
+    return {"prompt_ids": torch.tensor(fitted, dtype=torch.long),
+            "chosen_ids": torch.tensor(chosen_ids, dtype=torch.long),
+            "rejected_ids": torch.tensor(rejected_ids, dtype=torch.long)}

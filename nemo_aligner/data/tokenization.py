@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from nemo_aligner.data.jsonl import DataFormatError
+
 
 def render_prompt(prompt: str | list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
     """The text of a prompt: a string as it is, chat messages through the tokenizer's chat template.
@@ -51,6 +53,29 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt_text: str, *, fro
         prompt_ids: [P] ids.
     """
     return tokenizer(prompt_text, add_special_tokens=not from_template)["input_ids"]
+
+
+def tokenize_record_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, Any]], *,
+                           where: str) -> list[int]:
+    """Token ids of a data record's prompt: render_prompt, then tokenize_prompt.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        prompt: a string, or a list of ``{"role", "content"}`` messages (already validated).
+        where: the prompt's place in the data, ``"path:LINE: field 'name'"``, for the error.
+
+    Returns:
+        prompt_ids: [P] ids.
+
+    Raises:
+        DataFormatError: the prompt cannot be rendered (no chat template, or the template raised);
+            the message starts with ``where``.
+    """
+    try:
+        prompt_text, from_template = render_prompt(prompt, tokenizer)
+    except Exception as err:  # the chat template's own errors (jinja2) have no common base but Exception
+        raise DataFormatError(f"{where}: cannot render it ({type(err).__name__}: {err})") from err
+    return tokenize_prompt(tokenizer, prompt_text, from_template=from_template)
 
 
 def tokenize_response(tokenizer: PreTrainedTokenizerBase, response_text: str) -> list[int]:

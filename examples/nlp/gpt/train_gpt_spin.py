@@ -1,0 +1,58 @@
+"""Self-play fine-tuning (SPIN): SFT data becomes preference pairs against the model's own
+generations; the reference is refreshed after every iteration.
+
+    torchrun --nproc_per_node 8 examples/nlp/gpt/train_gpt_spin.py trainer.devices=8 \
+        pretrained_checkpoint.restore_from_path=/models/my-sft-model \
+        model.data.train_ds.file_path=sft.jsonl trainer.spin.max_iterations=3
+
+With no arguments it runs on the embedded tiny model (examples/tiny) on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_aligner.algorithms.spin import SPINTrainer
+from nemo_aligner.config.loader import instantiate_target, load_config
+from nemo_aligner.config.spin import SPINJobConfig
+from nemo_aligner.data.builders import build_sft_loader
+from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
+from nemo_aligner.utils.distributed import is_rank0, log_rank0
+
+logger = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="conf", config_name="gpt_spin", version_base=None)
+def main(raw: DictConfig) -> None:
+    cfg = load_config(SPINJobConfig, raw)
+    policy = GPTSPINModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
+    data, budget = cfg.model.data, cfg.model.spin.length_params.max_length
+    train = build_sft_loader(data.train_ds.file_path, policy, data, response_budget=budget, shuffle=True)
+    val = build_sft_loader(data.validation_ds.file_path, policy, data, response_budget=0, shuffle=False)
+    task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
+    # Everything is validated: from here on the log directory may be written.
+    if is_rank0():
+        os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
+        OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
+
+    def report(iteration: int | str, model: GPTSPINModel) -> None:
+        for name, value in task_eval(model).items():
+            log_rank0(logger, "held-out %s after iteration %s: %.4f", name, iteration, value)
+            if is_rank0():
+                print(f"held-out {name} after iteration {iteration}: {value:.4f}")
+
+    if task_eval:
+        report("none (initial model)", policy)
+    trainer = SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
+                          log_every_n_steps=cfg.trainer.log_every_n_steps,
+                          config_dict=OmegaConf.to_container(raw, resolve=True),
+                          iteration_callback=report if task_eval else None, pad_to_multiple_of=data.pad_to_multiple_of)
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    main()
