@@ -94,3 +94,13 @@ def write_pairs(path: str, pairs: int, seed: int = 0) -> str:
             f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen_response": str(a + b),
                                 "rejected_response": str(a + b + 1), "chosen_reward": 2.0}) + "\n")
     return path
+
+
+def write_sft(path: str, examples: int, seed: int = 0) -> str:
+    """An SFT JSONL of addition problems (input/output)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(examples):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            f.write(json.dumps({"input": f"{a}+{b}=", "output": str(a + b)}) + "\n")
+    return path

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import torchrun, write_pairs
+from helpers import torchrun, write_pairs, write_sft
 
 SCRIPT = "tests/distributed/layout_checks.py"
 TOL = 1e-5
@@ -25,6 +25,7 @@ TOL = 1e-5
 def runs(llama_dir: str, qwen2_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     work = str(tmp_path_factory.mktemp("layouts"))
     write_pairs(os.path.join(work, "pairs.jsonl"), 16)
+    write_sft(os.path.join(work, "sft.jsonl"), 16)
     args = ("--model-dir", llama_dir, "--qwen2-dir", qwen2_dir, "--workdir", work)
     for nproc, phase in ((1, "single"), (2, "parallel"), (1, "resume1")):
         torchrun(nproc, SCRIPT, "--phase", phase, *args)
@@ -76,10 +77,10 @@ def test_exports_from_both_layouts_load_with_equal_weights(runs: dict) -> None:
         torch.testing.assert_close(a, b, atol=TOL, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("layout", ["dpo_dp2", "dpo_tp2"])
-def test_dpo_steps_match_one_process(runs: dict, layout: str) -> None:
-    """Reference swap, rpo_bwd_kl + SFT loss and every reported metric agree across layouts."""
-    one, two = runs["single"]["dpo"], runs["parallel"][layout]
+@pytest.mark.parametrize("layout", ["dpo_dp2", "dpo_tp2", "spin_dp2", "spin_tp2"])
+def test_dpo_and_spin_steps_match_one_process(runs: dict, layout: str) -> None:
+    """Reference swap, generation (SPIN, greedy), the losses and every reported metric agree."""
+    one, two = runs["single"][layout.split("_")[0]], runs["parallel"][layout]
     assert [sorted(m) for m in one] == [sorted(m) for m in two]
     for name in one[0]:
         _close([m[name] for m in two], [m[name] for m in one])

@@ -4,16 +4,15 @@ optimizer-state offload during generation, empty generations."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from helpers import write_sft
 from nemo_aligner.algorithms.spin import SPINTrainer
 from nemo_aligner.config.loader import load_config
 from nemo_aligner.config.spin import SPINJobConfig
@@ -27,13 +26,7 @@ PROMPTS, GBS = 24, 8  # 3 steps per epoch
 
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
-    with open(path, "w") as f:
-        for _ in range(PROMPTS):
-            a, b = rng.randint(1, 99), rng.randint(1, 99)
-            f.write(json.dumps({"input": f"{a}+{b}=", "output": str(a + b)}) + "\n")
-    return str(path)
+    return write_sft(str(tmp_path_factory.mktemp("sft") / "sft.jsonl"), PROMPTS)
 
 
 def _config(model_dir: str, data: str, log_dir: str, *, greedy: bool = False, **loop: object) -> SPINJobConfig:

@@ -1,7 +1,8 @@
 """One torchrun launch that records what the layout tests compare (see tests/test_layouts.py).
 
 Phases:
-The workdir must hold pairs.jsonl (preference pairs) for the DPO steps.
+The workdir must hold pairs.jsonl (preference pairs) and sft.jsonl (input/output) for the DPO
+and SPIN steps.
 
   single    (1 process): reference losses/grad norms of N steps (Llama with tied embeddings, and Qwen2), log-probs, greedy generations,
             a checkpoint after K steps (ckpt_1proc), an HF export.
@@ -22,13 +23,18 @@ import os
 import torch
 import torch.distributed as dist
 
+from nemo_aligner.algorithms.spin import split_prompts_and_responses
 from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
+from nemo_aligner.config.spin import (LengthParamsConfig, SamplingParamsConfig, SFTDataConfig, SFTFileConfig, SPINConfig,
+                                      SPINModelConfig)
+from nemo_aligner.data.collate import dpo_custom_collate
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
-from nemo_aligner.data.builders import build_preference_loader
+from nemo_aligner.data.builders import build_preference_loader, build_sft_loader
 from nemo_aligner.engines.base import LengthParams, SamplingParams
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
 
@@ -70,6 +76,32 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
     records = []
     for _ in range(steps):
         metrics = policy.loss_and_metrics(loader.next_batch()[0], forward_only=False)
+        grad_norm, _ = policy.optimizer_step(1.0)
+        records.append({**metrics, "grad_norm": grad_norm})
+    return records
+
+
+def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2) -> list[dict[str, float]]:
+    """Metrics of `steps` SPIN steps with greedy generation (sampling is seeded per data-parallel
+    rank, so only greedy generations are layout-independent)."""
+    cfg = SPINModelConfig(micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
+                          encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
+                          spin=SPINConfig(ref_policy_kl_penalty=0.4, rollout_micro_batch_size=1,
+                                          sampling_params=SamplingParamsConfig(use_greedy=True),
+                                          length_params=LengthParamsConfig(max_length=4)),
+                          data=SFTDataConfig(train_ds=SFTFileConfig(data), validation_ds=SFTFileConfig(data)))
+    trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
+    policy = GPTSPINModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
+    policy.setup_optimizer(max_steps=steps)
+    loader = build_sft_loader(data, policy, cfg.data, response_budget=4, shuffle=True)
+    collate = functools.partial(dpo_custom_collate, pad_token_id=policy.tokenizer.pad_token_id, pad_to_multiple_of=8)
+    records = []
+    for _ in range(steps):
+        prompts, actual = split_prompts_and_responses(loader.next_batch()[0])
+        generated = policy.generate_rejected(prompts)
+        pairs = collate([{"prompt_ids": p, "chosen_ids": a, "rejected_ids": g, "chosen_reward": 1.0, "rejected_reward": 0.0}
+                         for p, a, g in zip(prompts, actual, generated)])
+        metrics = policy.loss_and_metrics(pairs)
         grad_norm, _ = policy.optimizer_step(1.0)
         records.append({**metrics, "grad_norm": grad_norm})
     return records
@@ -122,7 +154,8 @@ def resume(model: GPTModel, path: str) -> int:
 
 def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
     out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1, precision=precision), 0, STEPS),
-                 "dpo": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision)}
+                 "dpo": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision),
+                 "spin": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision)}
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
     out["greedy"] = greedy(model)
@@ -137,7 +170,9 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
 def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
     out: dict = {"qwen2_tp2_steps": run_steps(build(qwen2_dir, tp=2, precision=precision), 0, STEPS),
                  "dpo_dp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision),
-                 "dpo_tp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision)}
+                 "dpo_tp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision),
+                 "spin_dp2": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision),
+                 "spin_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision)}
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1, precision=precision)
