@@ -1,0 +1,90 @@
+"""Generation throughput of GPTModel.generate (KV cache) with a randomly initialised model.
+
+    torchrun --nproc_per_node 1 benchmarks/generation_throughput.py --shape qwen2.5-0.5b \
+        --batch 64 --prompt-len 256 --new-tokens 256
+
+Every row generates exactly --new-tokens tokens (min_length = max_length, so EOS cannot end a
+row early). Prints new tokens/s, time per decode step and the weight-read bandwidth a decode step
+implies (bf16 weights read once per step: the memory-bound floor of batched decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dpo_throughput import SHAPES, sync  # noqa: E402
+
+from nemo_aligner.config.schema import ModelConfig, Precision, PretrainedCheckpointConfig, TrainerConfig  # noqa: E402
+from nemo_aligner.engines.base import LengthParams, SamplingParams  # noqa: E402
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--batch", type=int, default=64, help="prompts per generate call on each data-parallel rank")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--greedy", action="store_true", help="greedy instead of temperature-1 sampling")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--tokenizer", default="examples/tiny/model", help="only its pad/eos ids are used")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    shape = SHAPES[args.shape]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = world // args.tp
+    cfg = ModelConfig(micro_batch_size=args.batch, global_batch_size=args.batch * dp, tensor_model_parallel_size=args.tp,
+                      encoder_seq_length=args.prompt_len + args.new_tokens)
+    policy = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=shape, tokenizer_path=args.tokenizer),
+                      TrainerConfig(devices=world, precision=Precision(args.precision)))
+    gen = torch.Generator().manual_seed(policy.dp_rank)
+    prompts = torch.randint(3, shape["vocab_size"], (args.batch, args.prompt_len), generator=gen).to(policy.device)
+    mask = torch.ones_like(prompts)
+    sampling = SamplingParams(use_greedy=args.greedy)
+    length = LengthParams(max_length=args.new_tokens, min_length=args.new_tokens)
+    policy.generate(prompts, mask, sampling, LengthParams(max_length=8, min_length=8))  # warm-up
+    if policy.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        start = time.perf_counter()
+        out = policy.generate(prompts, mask, sampling, length)
+        sync()
+        times.append(time.perf_counter() - start)
+    assert int(out.response_lengths.min()) == args.new_tokens
+    elapsed = statistics.median(times)
+    new_tokens = args.batch * args.new_tokens * dp
+    weight_bytes = policy.num_parameters() * (2 if args.precision == "bf16" else 4)
+    result = {
+        "shape": args.shape, "parameters": policy.num_parameters(), "gpus": world, "tp": args.tp,
+        "precision": args.precision, "batch_per_rank": args.batch, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "seconds": elapsed, "new_tokens_per_s": new_tokens / elapsed,
+        "ms_per_decode_step": 1000 * elapsed / args.new_tokens,
+        "implied_weight_read_GBps": weight_bytes * args.new_tokens / elapsed / 1e9,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if policy.device.type == "cuda" else float("nan"),
+        "device": torch.cuda.get_device_name() if policy.device.type == "cuda" else "cpu",
+    }
+    if dist.get_rank() == 0:
+        for key, value in result.items():
+            print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
