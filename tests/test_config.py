@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from helpers import FP32, REPO, model_cfg, pretrained, right_padded_batch
 from nemo_aligner.config.dpo import DPOJobConfig
 from nemo_aligner.config.jobs import ExportToHFConfig
+from nemo_aligner.config.spin import SPINJobConfig
 from nemo_aligner.config.loader import ConfigError, load_config
 from nemo_aligner.config.schema import ModelConfig, OptimConfig
 from nemo_aligner.losses.sft import sft_loss_fn
@@ -25,7 +26,7 @@ from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 
 CONF_DIR = os.path.join(REPO, "examples", "nlp", "gpt", "conf")
-SCHEMAS = {"export_to_hf": ExportToHFConfig, "gpt_dpo": DPOJobConfig}
+SCHEMAS = {"export_to_hf": ExportToHFConfig, "gpt_dpo": DPOJobConfig, "gpt_spin": SPINJobConfig}
 OPAQUE = {"pretrained_checkpoint.model_config", "task_eval"}  # free-form dicts: only the key itself is schema
 
 
@@ -90,6 +91,17 @@ def test_invalid_config_fails_naming_the_key(override: str, message: str) -> Non
 def test_invalid_dpo_config_fails_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(DPOJobConfig, _compose("gpt_dpo", [override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.spin.max_iterations=3", r"ref_policy_kl_penalty has 2 values but trainer.spin.max_iterations=3"),
+    ("model.spin.ref_policy_kl_penalty=-1", r"model.spin.ref_policy_kl_penalty=-1 is invalid"),
+    ("model.spin.sampling_params.top_p=0", r"sampling_params.top_p=0.0 is invalid: it must be in \(0, 1\]"),
+    ("model.spin.length_params.min_length=9", r"length_params.min_length=9 is invalid"),
+])
+def test_invalid_spin_config_fails_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(SPINJobConfig, _compose("gpt_spin", [override]))
 
 
 def test_unknown_key_in_a_nested_dataclass() -> None:

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from helpers import write_sft
+from helpers import REPO, write_sft
 from nemo_aligner.algorithms.spin import SPINTrainer
 from nemo_aligner.config.loader import load_config
 from nemo_aligner.config.spin import SPINJobConfig
@@ -157,3 +159,16 @@ def test_resume_mid_iteration_equals_uninterrupted_run(llama_dir: str, sft_file:
     losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(os.path.join(d, "metrics.jsonl"), "train")]  # noqa: E731
     assert [s for s, _ in losses(killed)] == list(range(1, 7))
     assert [l for _, l in losses(killed)] == pytest.approx([l for _, l in losses(straight)], abs=1e-6)
+
+
+def test_entry_script_rejects_bad_sft_lines_before_writing(llama_dir: str, tmp_path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "1+1=", "output": "2"}\n{"input": "1+2="}\n'
+                   '{"messages": [{"role": "user", "content": "1+3="}]}\n')
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, "examples/nlp/gpt/train_gpt_spin.py", f"pretrained_checkpoint.restore_from_path={llama_dir}",
+           f"model.data.train_ds.file_path={bad}", f"exp_manager.explicit_log_dir={log_dir}", "task_eval=null"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert f"{bad}:2: field 'output'" in proc.stderr and f"{bad}:3: field 'messages'" in proc.stderr, proc.stderr[-2000:]
+    assert not log_dir.exists()
