@@ -74,3 +74,21 @@ def test_training_after_a_swap_continues_as_if_no_swap_happened(llama_dir: str) 
     plain.forward_backward(probe, functools.partial(sft_loss_fn, global_num_tokens=probe["loss_mask"][:, 1:].sum()))
     plain.optimizer_step(1.0)
     assert _equal(retrieve_model_state_dict_in_cpu(swapped), retrieve_model_state_dict_in_cpu(plain))
+
+
+def test_training_after_generation_continues_as_if_no_generation_happened(llama_dir: str) -> None:
+    """generate keeps FSDP units gathered while decoding; afterwards the sharded weights must be
+    the only live copy again, so the next training step is the same as without generation."""
+    from nemo_aligner.engines.base import LengthParams, SamplingParams
+
+    generated = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
+    plain = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
+    _train(generated, steps=1)
+    generated.generate(torch.tensor([[1, 5, 9], [0, 1, 7]]), torch.tensor([[1, 1, 1], [0, 1, 1]]),
+                       SamplingParams(temperature=1.0), LengthParams(max_length=4))
+    _train(plain, steps=1)
+    probe = right_padded_batch(4, 10, 48, seed=99)
+    for model in (generated, plain):
+        model.forward_backward(probe, functools.partial(sft_loss_fn, global_num_tokens=probe["loss_mask"][:, 1:].sum()))
+        model.optimizer_step(1.0)
+    assert _equal(retrieve_model_state_dict_in_cpu(generated), retrieve_model_state_dict_in_cpu(plain))

@@ -16,6 +16,7 @@ from nemo_aligner.config.schema import OptimConfig
 from nemo_aligner.engines.base import Batch, Generations, LengthParams, LossFn, SamplingParams
 from nemo_aligner.engines.torch_native import checkpoint
 from nemo_aligner.engines.torch_native.build import build_meta_model, full_state_dict_on_rank0
+from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding
 from nemo_aligner.engines.torch_native.generation import generate
 from nemo_aligner.engines.torch_native.optim import build_optimizer, build_scheduler, global_grad_norm, scale_grads_
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
@@ -142,11 +143,10 @@ class TorchNativeEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.dp_rank * 7_919 + self.generation_calls)
         self.generation_calls += 1
-        out = generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
-                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                       generator=generator, dp_group=self.dp_group)
-        reshard_fsdp(self.module)
-        return out
+        with gathered_for_decoding(self.module):
+            return generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
+                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                            generator=generator, dp_group=self.dp_group)
 
     # ---------------------------------------------------------- optimizer offload
     def offload_optimizer_state(self) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nemo_aligner.utils.distributed import log_rank0
 
@@ -34,3 +36,24 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     log_rank0(logger, "applied FSDP2 over %d ranks (param %s, reduce %s)", dp_mesh.size(), param_dtype, reduce_dtype)
+
+
+@contextlib.contextmanager
+def gathered_for_decoding(model: nn.Module) -> Iterator[None]:
+    """Keep every FSDP unit gathered across the many one-token forwards of a generate call.
+
+    Otherwise each decode step re-runs the all-gather (and bf16 cast) of every unit, which
+    dominates decoding time. On exit the layers get back FSDP's default (reshard after forward),
+    the root its own (stay gathered until backward), and everything is resharded.
+    """
+    if not isinstance(model, FSDPModule):
+        raise TypeError(f"{type(model).__name__} is not an FSDP2 module")
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
