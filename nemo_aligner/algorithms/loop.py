@@ -56,6 +56,7 @@ class BaseTrainer:
         self.policy, self.train_data, self.val_data = policy, train_data, val_data
         self.loop, self.exp, self.log_every_n_steps = loop, exp, log_every_n_steps
         self.state = TrainerState()
+        self.optimizer_steps_per_step = 1  # rejection sampling takes several per loop step
         per_epoch = train_data.sampler.batches_per_epoch
         epochs_steps = loop.max_epochs * per_epoch
         self.max_steps = epochs_steps if loop.max_steps == -1 else min(loop.max_steps, epochs_steps)
@@ -98,7 +99,7 @@ class BaseTrainer:
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
         """Train to max_steps (resuming first if a checkpoint exists); returns the last val metrics."""
-        self.policy.setup_optimizer(max_steps=self.max_steps)
+        self.policy.setup_optimizer(max_steps=self.max_steps * self.optimizer_steps_per_step)
         if self._resume_path is not None:
             self.checkpoints.load(self._resume_path, self.policy, self.statefuls(), self.sharded_statefuls())
         log_rank0(logger, "%s: %d steps (%d per epoch), validation every %d steps on %d batches, resuming at step %d",

@@ -26,7 +26,8 @@ class RewardModelConfig:
     # function: a Hydra spec of `f(prompt: str, response: str) -> float`. `_partial_` defaults to true, so
     # `_target_` names the function itself (other keys are bound as keyword arguments); with
     # `_partial_: false` the target is a factory that returns the callable.
-    function: Optional[dict[str, Any]] = None
+    function: Optional[dict[str, Any]] = field(default_factory=lambda: {
+        "_target_": "examples.tiny.task.exact_match_reward", "_partial_": True})
     max_length: int = 4096  # sequence_classification: prompt + response tokens; longer items are rejected (422)
 
     def __post_init__(self) -> None:

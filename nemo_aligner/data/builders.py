@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 
 from nemo_aligner.config.dpo import PreferenceDataConfig
+from nemo_aligner.config.rs import PromptDataConfig
 from nemo_aligner.config.spin import SFTDataConfig
 from nemo_aligner.data.collate import dpo_custom_collate, sft_collate
 from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.data.preference import PreferenceDataset
+from nemo_aligner.data.prompts import PromptDataset
 from nemo_aligner.data.sampler import GlobalBatchSampler
 from nemo_aligner.data.sft import SFTDataset
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
@@ -39,3 +41,14 @@ def build_sft_loader(path: str, policy: GPTModel, data: SFTDataConfig, *, respon
     collate = functools.partial(sft_collate, pad_token_id=tokenizer.pad_token_id,
                                 pad_to_multiple_of=data.pad_to_multiple_of)
     return StepDataLoader(dataset, sampler, collate)
+
+
+def build_prompt_loader(path: str, policy: GPTModel, data: PromptDataConfig, *, prompts_per_step: int,
+                        response_budget: int, shuffle: bool) -> StepDataLoader:
+    """Prompts from `path` (validated whole, up front), `prompts_per_step` per global batch,
+    handed over uncollated (a list of {prompt_ids, prompt_text})."""
+    dataset = PromptDataset(path, policy.tokenizer, max_seq_length=policy.cfg.encoder_seq_length,
+                            length_policy=data.length_policy, response_budget=response_budget)
+    sampler = GlobalBatchSampler(len(dataset), global_batch_size=prompts_per_step, dp_rank=policy.dp_rank,
+                                 dp_size=policy.dims.dp, seed=data.seed, shuffle=shuffle)
+    return StepDataLoader(dataset, sampler, list)

@@ -87,6 +87,13 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> tor
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Element-wise max over `group` in place (a no-op for a group of one); min is -max(-x)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank `src`'s Python object on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from nemo_aligner.algorithms.spin import split_prompts_and_responses
 from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
-from nemo_aligner.config.spin import (LengthParamsConfig, SamplingParamsConfig, SFTDataConfig, SFTFileConfig, SPINConfig,
+from nemo_aligner.config.generation import LengthParamsConfig, SamplingParamsConfig
+from nemo_aligner.config.spin import (SFTDataConfig, SFTFileConfig, SPINConfig,
                                       SPINModelConfig)
 from nemo_aligner.data.collate import dpo_custom_collate
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig

@@ -18,7 +18,8 @@ from nemo_aligner.config.schema import EngineName, ModelConfig, Precision, Pretr
 from nemo_aligner.engines.base import Batch, Generations, LengthParams, LossFn, SamplingParams
 from nemo_aligner.engines.torch_native.build import check_tensor_parallel, load_hf_config, load_tokenizer
 from nemo_aligner.engines.torch_native.engine import TorchNativeEngine
-from nemo_aligner.utils.distributed import ParallelDims, all_reduce_sum, build_mesh, init_distributed, log_rank0
+from nemo_aligner.utils.distributed import (ParallelDims, all_reduce_max, all_reduce_sum, build_mesh, init_distributed,
+                                            log_rank0)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,10 @@ class GPTModel:
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over data-parallel ranks (e.g. a global token count for normalising)."""
         return all_reduce_sum(value.detach().clone().to(self.device), self.engine.dp_group)
+
+    def global_max(self, value: torch.Tensor) -> torch.Tensor:
+        """Max over data-parallel ranks (min: -global_max(-x))."""
+        return all_reduce_max(value.detach().clone().to(self.device), self.engine.dp_group)
 
     def micro_batches(self, batch: Batch, micro_batch_size: int | None = None) -> Sequence[Batch]:
         """Split a batch along dim 0 into micro-batches of `micro_batch_size` (default: the config's)."""

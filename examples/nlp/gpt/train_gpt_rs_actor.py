@@ -1,0 +1,62 @@
+"""Rejection-sampling fine-tuning: generate several responses per prompt, score them, fine-tune
+on the best.
+
+    # terminal 1: the reward server (a reward model directory, or a reward function)
+    python examples/nlp/gpt/serve_reward_model.py host=127.0.0.1 port=5555 ...
+    # terminal 2: the actor, pointed at it
+    torchrun --nproc_per_node 8 examples/nlp/gpt/train_gpt_rs_actor.py trainer.devices=8 \
+        reward.source=remote remote_rm.reward_model.ip=127.0.0.1 remote_rm.reward_model.port=5555 ...
+
+With no arguments it runs on the embedded tiny model with the task's exact-match reward in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_aligner.algorithms.rs import RSTrainer
+from nemo_aligner.config.loader import instantiate_target, load_config
+from nemo_aligner.config.rs import RSJobConfig
+from nemo_aligner.data.builders import build_prompt_loader
+from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
+from nemo_aligner.utils.distributed import is_rank0, log_rank0
+from nemo_aligner.utils.rewards import build_reward
+
+logger = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="conf", config_name="gpt_rs_actor", version_base=None)
+def main(raw: DictConfig) -> None:
+    cfg = load_config(RSJobConfig, raw)
+    policy = GPTRSActor(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
+    rs, data = cfg.model.rs, cfg.model.data
+    budget = rs.length_params.max_length
+    train = build_prompt_loader(data.data_prefix.train, policy, data, prompts_per_step=rs.num_rollout_samples,
+                                response_budget=budget, shuffle=True)
+    val = build_prompt_loader(data.data_prefix.validation, policy, data, prompts_per_step=rs.num_val_samples,
+                              response_budget=budget, shuffle=False)
+    reward = build_reward(cfg.reward, cfg.remote_rm, policy.engine.tp_group)
+    task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
+    # Everything is validated: from here on the log directory may be written.
+    if is_rank0():
+        os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
+        OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
+    before = task_eval(policy) if task_eval else {}
+    trainer = RSTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.rs, exp=cfg.exp_manager,
+                        log_every_n_steps=cfg.trainer.log_every_n_steps, reward=reward, rs=rs,
+                        config_dict=OmegaConf.to_container(raw, resolve=True))
+    trainer.fit()
+    if task_eval:
+        after = task_eval(policy)
+        for name in before:
+            log_rank0(logger, "held-out %s: %.4f before, %.4f after rejection sampling", name, before[name], after[name])
+            if is_rank0():
+                print(f"held-out {name}: before {before[name]:.4f}  after {after[name]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Schema of examples/nlp/gpt/conf/gpt_rs_actor.yaml (NeMo-Aligner's key names)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from nemo_aligner.config.generation import LengthParamsConfig, SamplingParamsConfig
+from nemo_aligner.config.schema import (
+    ExpManagerConfig,
+    LoopConfig,
+    ModelConfig,
+    PretrainedCheckpointConfig,
+    TrainerConfig,
+    _require,
+)
+from nemo_aligner.data.length_policy import LengthPolicy
+
+
+@dataclass
+class RSConfig:
+    """model.rs: how many rollouts, which are kept, how they are generated."""
+
+    num_rollout_samples: int = 32  # prompts per step, over all data-parallel ranks
+    num_val_samples: int = 32  # prompts per validation batch
+    num_rollouts_per_prompt: int = 4
+    top_n_rollouts: int = 1  # best responses kept per prompt for the SFT update
+    rollout_micro_batch_size: int = 32  # sequences per generate call on one data-parallel rank
+    offload_adam_states: bool = True
+    sampling_params: SamplingParamsConfig = field(default_factory=SamplingParamsConfig)
+    length_params: LengthParamsConfig = field(default_factory=LengthParamsConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("num_rollout_samples", "num_val_samples", "num_rollouts_per_prompt", "rollout_micro_batch_size"):
+            _require(getattr(self, key) >= 1, f"model.rs.{key}", getattr(self, key), ">= 1")
+        _require(1 <= self.top_n_rollouts <= self.num_rollouts_per_prompt, "model.rs.top_n_rollouts", self.top_n_rollouts,
+                 f"in [1, num_rollouts_per_prompt={self.num_rollouts_per_prompt}]")
+
+
+@dataclass
+class PromptFiles:
+    train: str = "examples/tiny/data/prompts_train.jsonl"
+    validation: str = "examples/tiny/data/prompts_val.jsonl"
+
+
+@dataclass
+class PromptDataConfig:
+    """model.data: prompt JSONL files (text or chat messages)."""
+
+    data_prefix: PromptFiles = field(default_factory=PromptFiles)
+    length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left
+    pad_to_multiple_of: int = 8
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
+
+
+@dataclass
+class RSModelConfig(ModelConfig):
+    """model: the actor; micro_batch_size / global_batch_size count kept sequences in the SFT update."""
+
+    rs: RSConfig = field(default_factory=RSConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kept = self.rs.num_rollout_samples * self.rs.top_n_rollouts
+        if kept % self.global_batch_size:
+            raise ValueError(f"model.rs.num_rollout_samples x model.rs.top_n_rollouts = {kept} kept sequences per step "
+                             f"must be a multiple of model.global_batch_size={self.global_batch_size}")
+
+
+class RewardSource(enum.Enum):
+    function = "function"  # a Python reward function, in process
+    remote = "remote"  # a reward server (examples/nlp/gpt/serve_reward_model.py) at remote_rm.reward_model
+
+
+@dataclass
+class RewardConfig:
+    """reward: where scores come from. `source: remote` switches to the server in remote_rm."""
+
+    source: RewardSource = RewardSource.function
+    function: Optional[dict[str, Any]] = field(
+        default_factory=lambda: {"_target_": "examples.tiny.task.exact_match_reward", "_partial_": True})
+
+
+@dataclass
+class RemoteEndpoint:
+    ip: str = "localhost"
+    port: int = 5555
+
+
+@dataclass
+class RemoteRMConfig:
+    """remote_rm: the reward server (NeMo-Aligner's remote_rm.reward_model.ip / .port)."""
+
+    reward_model: RemoteEndpoint = field(default_factory=RemoteEndpoint)
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_s: float = 1.0  # doubled after every failed attempt
+    auth_token: Optional[str] = None
+
+
+@dataclass
+class RSLoopConfig(LoopConfig):
+    rollout_log_samples: int = 4  # rollouts (prompt, response, reward) written to rollouts.jsonl per step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.rollout_log_samples >= 0, "trainer.rs.rollout_log_samples", self.rollout_log_samples, ">= 0")
+
+
+@dataclass
+class RSTrainerConfig(TrainerConfig):
+    rs: RSLoopConfig = field(default_factory=RSLoopConfig)
+
+
+@dataclass
+class RSJobConfig:
+    trainer: RSTrainerConfig = field(default_factory=RSTrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    pretrained_checkpoint: PretrainedCheckpointConfig = field(default_factory=PretrainedCheckpointConfig)
+    model: RSModelConfig = field(default_factory=RSModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    remote_rm: RemoteRMConfig = field(default_factory=RemoteRMConfig)
+    task_eval: Optional[dict[str, Any]] = None
