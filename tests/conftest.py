@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from helpers import make_model_dir
+from helpers import REPO, make_model_dir
+
+if REPO not in sys.path:  # tests import the embedded task from examples/ however pytest is started
+    sys.path.insert(0, REPO)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 from helpers import FP32, REPO, model_cfg, pretrained, right_padded_batch
 from nemo_aligner.config.dpo import DPOJobConfig
 from nemo_aligner.config.jobs import ExportToHFConfig
+from nemo_aligner.config.reward_server import RewardServerConfig
+from nemo_aligner.config.rs import RSJobConfig
 from nemo_aligner.config.spin import SPINJobConfig
 from nemo_aligner.config.loader import ConfigError, load_config
 from nemo_aligner.config.schema import ModelConfig, OptimConfig
@@ -26,8 +28,9 @@ from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 
 CONF_DIR = os.path.join(REPO, "examples", "nlp", "gpt", "conf")
-SCHEMAS = {"export_to_hf": ExportToHFConfig, "gpt_dpo": DPOJobConfig, "gpt_spin": SPINJobConfig}
-OPAQUE = {"pretrained_checkpoint.model_config", "task_eval"}  # free-form dicts: only the key itself is schema
+SCHEMAS = {"export_to_hf": ExportToHFConfig, "gpt_dpo": DPOJobConfig, "gpt_spin": SPINJobConfig,
+           "serve_reward_model": RewardServerConfig, "gpt_rs_actor": RSJobConfig}
+OPAQUE = {"pretrained_checkpoint.model_config", "task_eval", "reward_model.function", "reward.function"}  # free-form dicts: only the key itself is schema
 
 
 def _schema_keys(schema: type, prefix: str = "") -> set[str]:

@@ -59,8 +59,10 @@ class FunctionScorer:
 class SequenceClassificationScorer:
     """Scores `prompt + response` with an HF `AutoModelForSequenceClassification` (one label).
 
-    Items are tokenised when the request arrives (so an over-long item is rejected before it is
-    queued), then right-padded per batch; the model reads the last non-pad token's logit.
+    The text is `prompt + response` exactly as sent (a chat template is the caller's to apply),
+    tokenised with the model's tokenizer and its special tokens when the request arrives (so an
+    over-long item is rejected before it is queued), then right-padded per batch; the model reads
+    the logit at the last non-pad token.
     """
 
     def __init__(self, model_path: str, *, max_length: int, device: torch.device) -> None:
@@ -70,7 +72,11 @@ class SequenceClassificationScorer:
             raise FileNotFoundError(f"reward_model.model_path: model directory '{model_path}' does not exist")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         # dtype="auto": the dtype the checkpoint was saved in (bf16 reward models stay bf16 on GPU).
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True, dtype="auto")
+        self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+            model_path, local_files_only=True, dtype="auto", output_loading_info=True)
+        if loading["missing_keys"]:  # e.g. a causal LM: its classification head would be random
+            raise ValueError(f"'{model_path}' is not a sequence-classification reward model: the checkpoint lacks "
+                             f"{sorted(loading['missing_keys'])[:5]}, which would be randomly initialised")
         config = self.model.config
         if config.num_labels != 1:
             raise ValueError(f"reward model '{model_path}' has num_labels={config.num_labels}; a reward model needs 1")
