@@ -406,3 +406,26 @@ def test_score_on_rank0_and_broadcast(function_server: _Server, gloo_group) -> N
     unreachable = RemoteRewardClient("127.0.0.1", _free_port(), timeout_s=1.0, max_retries=0, backoff_s=0.0)
     with pytest.raises(RewardServerError, match=r"scoring on rank 0 failed: RewardServerError: .*http://127.0.0.1"):
         score_on_rank0_and_broadcast(unreachable, prompts, responses, gloo_group)
+
+
+def test_rs_training_through_the_server_equals_the_in_process_reward(function_server: _Server, llama_dir: str, tmp_path) -> None:
+    """The one switch (reward.source=remote) changes where scores come from, not what is trained."""
+    from test_rs import _config, _trainer
+
+    from nemo_aligner.utils.metrics import read_metrics
+    from nemo_aligner.utils.rewards import FunctionReward, RemoteReward
+
+    prompts = tmp_path / "prompts.jsonl"
+    rng = random.Random(1)
+    problems = [make_problem(rng)[0] for _ in range(16)]
+    prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in problems))
+    sources = {"remote": RemoteReward(_client(function_server, auth_token=TOKEN), None),
+               "local": FunctionReward(exact_match_reward)}
+    records = {}
+    for name, reward in sources.items():
+        _trainer(_config(llama_dir, str(prompts), str(tmp_path / name), max_steps=2), reward=reward).fit()
+        records[name] = read_metrics(str(tmp_path / name / "metrics.jsonl"), "train")
+    assert len(records["remote"]) == 2
+    for remote, local in zip(records["remote"], records["local"]):
+        for key in ("reward_mean", "kept_reward_mean", "loss"):
+            assert remote[key] == pytest.approx(local[key], abs=1e-6), key

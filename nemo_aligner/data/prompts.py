@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nemo_aligner.data.jsonl import FieldSpec, FieldType, load_jsonl_records
 from nemo_aligner.data.length_policy import LengthFitter, LengthPolicy
-from nemo_aligner.data.tokenization import tokenize_record_prompt
+from nemo_aligner.data.tokenization import render_prompt, tokenize_record_prompt
 
 PROMPT_SCHEMA = {
     "text": FieldSpec(FieldType.TEXT, required=False),
@@ -33,9 +33,18 @@ def prompt_record_problems(fields: Mapping[str, Any]) -> list[str]:
     return [f"field 'text': a record holds either 'text' (a string) or 'messages' (a chat), {what}"]
 
 
+def _prompt_text(fields: Mapping[str, Any], field: str, tokenizer: PreTrainedTokenizerBase, fitted: list[int],
+                 original_length: int) -> str:
+    """What a reward sees as the prompt: the text as written (a chat: as rendered by the template),
+    or, when the length policy cut the prompt, the kept tokens decoded."""
+    if len(fitted) < original_length:
+        return tokenizer.decode(fitted, skip_special_tokens=True)
+    return fields["text"] if field == "text" else render_prompt(fields["messages"], tokenizer)[0]
+
+
 class PromptDataset(Dataset):
-    """Prompts tokenised at construction. An item: prompt_ids [P] int64 and prompt_text (the
-    fitted prompt decoded without special tokens, which is what a reward model or function sees)."""
+    """Prompts tokenised at construction. An item: prompt_ids [P] int64 and prompt_text (what a
+    reward model or function sees as the prompt, see _prompt_text)."""
 
     def __init__(self, path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int,
                  length_policy: LengthPolicy, response_budget: int) -> None:
@@ -49,7 +58,7 @@ class PromptDataset(Dataset):
             fitted = fitter.fit(prompt_ids, [])
             if fitted is not None:
                 self._items.append({"prompt_ids": torch.tensor(fitted, dtype=torch.long),
-                                    "prompt_text": tokenizer.decode(fitted, skip_special_tokens=True)})
+                                    "prompt_text": _prompt_text(record.fields, field, tokenizer, fitted, len(prompt_ids))})
         fitter.finish(source=os.fspath(path), unit="prompts")
 
     def __len__(self) -> int:
