@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nemo_aligner.config.schema import (
+    DataLoadingConfig,
     ExpManagerConfig,
     LoopConfig,
     ModelConfig,
@@ -13,7 +14,6 @@ from nemo_aligner.config.schema import (
     TrainerConfig,
     _require,
 )
-from nemo_aligner.data.length_policy import LengthPolicy
 from nemo_aligner.losses.preference import PREFERENCE_LOSSES
 
 
@@ -50,18 +50,12 @@ class DataPrefix:
 
 
 @dataclass
-class PreferenceDataConfig:
+class PreferenceDataConfig(DataLoadingConfig):
     """model.data: preference JSONL files and how examples become batches."""
 
     data_prefix: DataPrefix = field(default_factory=DataPrefix)
     default_chosen_reward: float = 1.0  # when a line has no chosen_reward
     default_rejected_reward: float = 0.0  # when a line has no rejected_reward
-    length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left  # for pairs longer than encoder_seq_length
-    pad_to_multiple_of: int = 8
-    seed: int = 1234  # shuffling order of the training pairs per epoch
-
-    def __post_init__(self) -> None:
-        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
 
 
 @dataclass

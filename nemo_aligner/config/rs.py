@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from nemo_aligner.config.generation import LengthParamsConfig, SamplingParamsConfig
 from nemo_aligner.config.schema import (
+    DataLoadingConfig,
     ExpManagerConfig,
     LoopConfig,
     ModelConfig,
@@ -15,7 +16,6 @@ from nemo_aligner.config.schema import (
     TrainerConfig,
     _require,
 )
-from nemo_aligner.data.length_policy import LengthPolicy
 
 
 @dataclass
@@ -45,16 +45,10 @@ class PromptFiles:
 
 
 @dataclass
-class PromptDataConfig:
+class PromptDataConfig(DataLoadingConfig):
     """model.data: prompt JSONL files (text or chat messages)."""
 
     data_prefix: PromptFiles = field(default_factory=PromptFiles)
-    length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left
-    pad_to_multiple_of: int = 8
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
 
 
 @dataclass

@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from nemo_aligner.data.length_policy import LengthPolicy
+
 
 class Precision(enum.Enum):
     """Training precision: bf16 mixed precision (fp32 master weights and reductions) or fp32."""
@@ -82,6 +84,18 @@ class PretrainedCheckpointConfig:
                 "pretrained_checkpoint.model_config (an HF config for random init) must be set; got "
                 f"restore_from_path={self.restore_from_path!r}, model_config={self.model_config!r}"
             )
+
+
+@dataclass
+class DataLoadingConfig:
+    """What every model.data section shares: the over-length policy, padding and shuffling."""
+
+    length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left  # for examples longer than encoder_seq_length
+    pad_to_multiple_of: int = 8
+    seed: int = 1234  # shuffling order of the training examples per epoch
+
+    def __post_init__(self) -> None:
+        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nemo_aligner.config.schema import (
+    DataLoadingConfig,
     ExpManagerConfig,
     LoopConfig,
     ModelConfig,
@@ -13,7 +14,6 @@ from nemo_aligner.config.schema import (
     TrainerConfig,
     _require,
 )
-from nemo_aligner.data.length_policy import LengthPolicy
 from nemo_aligner.config.generation import LengthParamsConfig, SamplingParamsConfig
 
 
@@ -40,17 +40,11 @@ class SFTFileConfig:
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(DataLoadingConfig):
     """model.data: SFT JSONL files (input/output or chat messages)."""
 
     train_ds: SFTFileConfig = field(default_factory=SFTFileConfig)
     validation_ds: SFTFileConfig = field(default_factory=lambda: SFTFileConfig("examples/tiny/data/sft_val.jsonl"))
-    length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left
-    pad_to_multiple_of: int = 8
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
 
 
 @dataclass
