@@ -9,6 +9,7 @@ work=$(mktemp -d)
 python3 -c "from helpers import make_model_dir; make_model_dir('$work/llama', 'llama'); make_model_dir('$work/qwen2', 'qwen2')"
 for precision in fp32 bf16; do
   run=$work/$precision; mkdir -p "$run"
+  python3 -c "from helpers import write_pairs, write_sft; write_pairs('$run/pairs.jsonl', 16); write_sft('$run/sft.jsonl', 16)"
   args=(--model-dir "$work/llama" --qwen2-dir "$work/qwen2" --workdir "$run" --precision "$precision")
   torchrun --standalone --nproc_per_node 1 tests/distributed/layout_checks.py --phase single "${args[@]}" > "$out/$precision-single.log" 2>&1
   torchrun --standalone --nproc_per_node 2 tests/distributed/layout_checks.py --phase parallel "${args[@]}" > "$out/$precision-parallel.log" 2>&1
