@@ -68,6 +68,17 @@ def measure_bf16_peak(device: torch.device, n: int, reps: int = 20) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def report(result: dict, out: str | None) -> None:
+    """Print one `name value` line per result on rank 0, and write them as JSON to `out` if given."""
+    if dist.get_rank() != 0:
+        return
+    for key, value in result.items():
+        print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def synthetic_pairs(pairs: int, seq_len: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
     """Interleaved chosen/rejected rows of full length; the first half of each row is the prompt."""
     gen = torch.Generator().manual_seed(seed)
@@ -132,12 +143,7 @@ def main() -> None:
         "mfu": flops / step_time / world / peak, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan"),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
     }
-    if dist.get_rank() == 0:
-        for key, value in result.items():
-            print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+    report(result, args.out)
     dist.destroy_process_group()
 
 

@@ -11,7 +11,6 @@ implies (bf16 weights read once per step: the memory-bound floor of batched deco
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dpo_throughput import SHAPES, sync  # noqa: E402
+from dpo_throughput import SHAPES, report, sync  # noqa: E402
 
 from nemo_aligner.config.schema import ModelConfig, Precision, PretrainedCheckpointConfig, TrainerConfig  # noqa: E402
 from nemo_aligner.engines.base import LengthParams, SamplingParams  # noqa: E402
@@ -77,12 +76,7 @@ def main() -> None:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if policy.device.type == "cuda" else float("nan"),
         "device": torch.cuda.get_device_name() if policy.device.type == "cuda" else "cpu",
     }
-    if dist.get_rank() == 0:
-        for key, value in result.items():
-            print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+    report(result, args.out)
     dist.destroy_process_group()
 
 

@@ -12,7 +12,6 @@ With no arguments it runs on the embedded tiny model with the task's exact-match
 
 from __future__ import annotations
 
-import logging
 import os
 
 import hydra
@@ -23,11 +22,9 @@ from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.config.rs import RSJobConfig
 from nemo_aligner.data.builders import build_prompt_loader
 from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
-from nemo_aligner.utils.distributed import is_rank0, log_rank0
+from nemo_aligner.utils.distributed import is_rank0
+from nemo_aligner.utils.task_eval import report_task_eval
 from nemo_aligner.utils.rewards import build_reward
-
-logger = logging.getLogger(__name__)
-
 
 @hydra.main(config_path="conf", config_name="gpt_rs_actor", version_base=None)
 def main(raw: DictConfig) -> None:
@@ -45,17 +42,14 @@ def main(raw: DictConfig) -> None:
     if is_rank0():
         os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
         OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
-    before = task_eval(policy) if task_eval else {}
+    if task_eval:
+        report_task_eval(task_eval(policy), "before training")
     trainer = RSTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.rs, exp=cfg.exp_manager,
                         log_every_n_steps=cfg.trainer.log_every_n_steps, reward=reward, rs=rs,
                         config_dict=OmegaConf.to_container(raw, resolve=True))
     trainer.fit()
     if task_eval:
-        after = task_eval(policy)
-        for name in before:
-            log_rank0(logger, "held-out %s: %.4f before, %.4f after rejection sampling", name, before[name], after[name])
-            if is_rank0():
-                print(f"held-out {name}: before {before[name]:.4f}  after {after[name]:.4f}")
+        report_task_eval(task_eval(policy), f"after {trainer.state.step} rejection sampling steps")
 
 
 if __name__ == "__main__":

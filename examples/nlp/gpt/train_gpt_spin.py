@@ -10,7 +10,6 @@ With no arguments it runs on the embedded tiny model (examples/tiny) on CPU.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import hydra
@@ -21,10 +20,8 @@ from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.config.spin import SPINJobConfig
 from nemo_aligner.data.builders import build_sft_loader
 from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
-from nemo_aligner.utils.distributed import is_rank0, log_rank0
-
-logger = logging.getLogger(__name__)
-
+from nemo_aligner.utils.distributed import is_rank0
+from nemo_aligner.utils.task_eval import report_task_eval
 
 @hydra.main(config_path="conf", config_name="gpt_spin", version_base=None)
 def main(raw: DictConfig) -> None:
@@ -39,14 +36,11 @@ def main(raw: DictConfig) -> None:
         os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
         OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
 
-    def report(iteration: int | str, model: GPTSPINModel) -> None:
-        for name, value in task_eval(model).items():
-            log_rank0(logger, "held-out %s after iteration %s: %.4f", name, iteration, value)
-            if is_rank0():
-                print(f"held-out {name} after iteration {iteration}: {value:.4f}")
+    def report(iteration: int, model: GPTSPINModel) -> None:
+        report_task_eval(task_eval(model), f"after iteration {iteration}")
 
     if task_eval:
-        report("none (initial model)", policy)
+        report_task_eval(task_eval(policy), "before training")
     trainer = SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
                           log_every_n_steps=cfg.trainer.log_every_n_steps,
                           config_dict=OmegaConf.to_container(raw, resolve=True),
