@@ -10,17 +10,14 @@ With no arguments it aligns the embedded tiny model (examples/tiny) on CPU.
 
 from __future__ import annotations
 
-import os
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.dpo import DPOTrainer
 from nemo_aligner.config.dpo import DPOJobConfig
-from nemo_aligner.config.loader import instantiate_target, load_config
+from nemo_aligner.config.loader import instantiate_target, load_config, save_config
 from nemo_aligner.data.builders import build_preference_loader
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
-from nemo_aligner.utils.distributed import is_rank0
 from nemo_aligner.utils.task_eval import report_task_eval
 
 @hydra.main(config_path="conf", config_name="gpt_dpo", version_base=None)
@@ -31,10 +28,7 @@ def main(raw: DictConfig) -> None:
     train = build_preference_loader(data.data_prefix.train, policy, data, shuffle=True)
     val = build_preference_loader(data.data_prefix.validation, policy, data, shuffle=False)
     task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
-    # Everything is validated: from here on the log directory may be written.
-    if is_rank0():
-        os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
-        OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
+    save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
     if task_eval:
         report_task_eval(task_eval(policy), "before training")
     trainer = DPOTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.dpo, exp=cfg.exp_manager,

@@ -12,17 +12,14 @@ With no arguments it runs on the embedded tiny model with the task's exact-match
 
 from __future__ import annotations
 
-import os
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.rs import RSTrainer
-from nemo_aligner.config.loader import instantiate_target, load_config
+from nemo_aligner.config.loader import instantiate_target, load_config, save_config
 from nemo_aligner.config.rs import RSJobConfig
 from nemo_aligner.data.builders import build_prompt_loader
 from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
-from nemo_aligner.utils.distributed import is_rank0
 from nemo_aligner.utils.task_eval import report_task_eval
 from nemo_aligner.utils.rewards import build_reward
 
@@ -38,10 +35,7 @@ def main(raw: DictConfig) -> None:
                               response_budget=budget, shuffle=False)
     reward = build_reward(cfg.reward, cfg.remote_rm, policy.engine.tp_group)
     task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
-    # Everything is validated: from here on the log directory may be written.
-    if is_rank0():
-        os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
-        OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
+    save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
     if task_eval:
         report_task_eval(task_eval(policy), "before training")
     trainer = RSTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.rs, exp=cfg.exp_manager,

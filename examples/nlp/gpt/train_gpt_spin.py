@@ -10,17 +10,14 @@ With no arguments it runs on the embedded tiny model (examples/tiny) on CPU.
 
 from __future__ import annotations
 
-import os
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.spin import SPINTrainer
-from nemo_aligner.config.loader import instantiate_target, load_config
+from nemo_aligner.config.loader import instantiate_target, load_config, save_config
 from nemo_aligner.config.spin import SPINJobConfig
 from nemo_aligner.data.builders import build_sft_loader
 from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
-from nemo_aligner.utils.distributed import is_rank0
 from nemo_aligner.utils.task_eval import report_task_eval
 
 @hydra.main(config_path="conf", config_name="gpt_spin", version_base=None)
@@ -31,10 +28,7 @@ def main(raw: DictConfig) -> None:
     train = build_sft_loader(data.train_ds.file_path, policy, data, response_budget=budget, shuffle=True)
     val = build_sft_loader(data.validation_ds.file_path, policy, data, response_budget=0, shuffle=False)
     task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
-    # Everything is validated: from here on the log directory may be written.
-    if is_rank0():
-        os.makedirs(cfg.exp_manager.explicit_log_dir, exist_ok=True)
-        OmegaConf.save(raw, os.path.join(cfg.exp_manager.explicit_log_dir, "config.yaml"))
+    save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
 
     def report(iteration: int, model: GPTSPINModel) -> None:
         report_task_eval(task_eval(model), f"after iteration {iteration}")
