@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_aligner.config.schema import EngineName, ModelConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
+from nemo_aligner.data.collate import prompt_collate
 from nemo_aligner.engines.base import Batch, Generations, LengthParams, LossFn, SamplingParams
 from nemo_aligner.engines.torch_native.build import check_tensor_parallel, load_hf_config, load_tokenizer
 from nemo_aligner.engines.torch_native.engine import TorchNativeEngine
@@ -108,6 +109,27 @@ class GPTModel:
                  length: LengthParams) -> Generations:
         """Continue left-padded prompts [B, P]; see engines/torch_native/generation.py."""
         return self.engine.generate(input_ids, attention_mask, sampling, length)
+
+    @torch.no_grad()
+    def generate_responses(self, prompts: list[torch.Tensor], sampling: SamplingParams, length: LengthParams, *,
+                           micro_batch_size: int, offload_optimizer: bool) -> list[torch.Tensor]:
+        """Each prompt's response (new tokens, EOS included when produced), generated in chunks of
+        `micro_batch_size` left-padded prompts; with `offload_optimizer` the optimizer state waits
+        on CPU meanwhile and is restored exactly. Every data-parallel rank must pass as many prompts."""
+        if offload_optimizer:
+            self.offload_optimizer_state()
+        responses: list[torch.Tensor] = []
+        try:
+            for start in range(0, len(prompts), micro_batch_size):
+                chunk = prompt_collate(prompts[start : start + micro_batch_size], pad_token_id=self.tokenizer.pad_token_id)
+                out = self.generate(chunk["input_ids"].to(self.device), chunk["attention_mask"].to(self.device),
+                                    sampling, length)
+                width = chunk["input_ids"].shape[1]
+                responses += [out.tokens[i, width : width + n].cpu() for i, n in enumerate(out.response_lengths.tolist())]
+        finally:
+            if offload_optimizer:
+                self.onload_optimizer_state()
+        return responses
 
     def offload_optimizer_state(self) -> None:
         self.engine.offload_optimizer_state()

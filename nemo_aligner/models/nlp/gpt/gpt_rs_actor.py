@@ -12,7 +12,7 @@ import torch
 
 from nemo_aligner.config.rs import RSModelConfig
 from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.data.collate import prompt_collate, sft_collate
+from nemo_aligner.data.collate import sft_collate
 from nemo_aligner.engines.base import Batch
 from nemo_aligner.losses.preference import sequence_nll
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
@@ -41,26 +41,12 @@ class GPTRSActor(GPTModel):
         self.length = cfg.rs.length_params.build()
         self.pad_to_multiple_of = cfg.data.pad_to_multiple_of
 
-    @torch.no_grad()
     def generate_rollouts(self, prompts: list[torch.Tensor], rollouts_per_prompt: int) -> list[torch.Tensor]:
-        """Responses (new tokens, EOS included when produced); rollout j of prompt i is at
-        i * rollouts_per_prompt + j. Optimizer state is on CPU meanwhile if configured."""
+        """Responses; rollout j of prompt i is at i * rollouts_per_prompt + j (see generate_responses)."""
         expanded = [p for p in prompts for _ in range(rollouts_per_prompt)]
-        if self.rs.offload_adam_states:
-            self.offload_optimizer_state()
-        responses: list[torch.Tensor] = []
-        try:
-            size = self.rs.rollout_micro_batch_size
-            for start in range(0, len(expanded), size):
-                chunk = prompt_collate(expanded[start : start + size], pad_token_id=self.tokenizer.pad_token_id)
-                out = self.generate(chunk["input_ids"].to(self.device), chunk["attention_mask"].to(self.device),
-                                    self.sampling, self.length)
-                width = chunk["input_ids"].shape[1]
-                responses += [out.tokens[i, width : width + n].cpu() for i, n in enumerate(out.response_lengths.tolist())]
-        finally:
-            if self.rs.offload_adam_states:
-                self.onload_optimizer_state()
-        return responses
+        return self.generate_responses(expanded, self.sampling, self.length,
+                                       micro_batch_size=self.rs.rollout_micro_batch_size,
+                                       offload_optimizer=self.rs.offload_adam_states)
 
     def sft_update(self, sequences: list[tuple[torch.Tensor, torch.Tensor]], max_grad_norm: float) -> list[dict[str, float]]:
         """One optimizer step per global_batch_size kept sequences; returns each step's metrics."""

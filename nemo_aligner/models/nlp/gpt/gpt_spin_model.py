@@ -14,7 +14,6 @@ import torch
 
 from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.config.spin import SPINModelConfig
-from nemo_aligner.data.collate import prompt_collate
 from nemo_aligner.engines.base import Batch
 from nemo_aligner.losses.preference import dpo_loss, sequence_log_ratio
 from nemo_aligner.losses.sft import sft_loss_fn
@@ -65,26 +64,12 @@ class GPTSPINModel(GPTModel):
         """The reference becomes the current policy (end of an iteration)."""
         self.ref_policy_state_dict = retrieve_model_state_dict_in_cpu(self)
 
-    @torch.no_grad()
     def generate_rejected(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The reference policy's response to each prompt (new tokens, EOS included when produced),
-        in chunks of rollout_micro_batch_size; optimizer state is on CPU meanwhile if configured."""
-        if self.spin.offload_adam_states:
-            self.offload_optimizer_state()
-        responses: list[torch.Tensor] = []
-        try:
-            with cpu_weight_swap(self, self.ref_policy_state_dict):
-                size = self.spin.rollout_micro_batch_size
-                for start in range(0, len(prompts), size):
-                    chunk = prompt_collate(prompts[start : start + size], pad_token_id=self.tokenizer.pad_token_id)
-                    out = self.generate(chunk["input_ids"].to(self.device), chunk["attention_mask"].to(self.device),
-                                        self.sampling, self.length)
-                    width = chunk["input_ids"].shape[1]
-                    responses += [out.tokens[i, width : width + n].cpu() for i, n in enumerate(out.response_lengths.tolist())]
-        finally:
-            if self.spin.offload_adam_states:
-                self.onload_optimizer_state()
-        return responses
+        """The reference policy's response to each prompt (see GPTModel.generate_responses)."""
+        with cpu_weight_swap(self, self.ref_policy_state_dict):
+            return self.generate_responses(prompts, self.sampling, self.length,
+                                           micro_batch_size=self.spin.rollout_micro_batch_size,
+                                           offload_optimizer=self.spin.offload_adam_states)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         with cpu_weight_swap(self, self.ref_policy_state_dict):
