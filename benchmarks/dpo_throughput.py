@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 1 benchmarks/dpo_throughput.py --shape qwen2.5-0.5b --seq-len 1024 \
         --global-pairs 64 --micro-pairs 4 --steps 8
 
-Each step does what DPOTrainer does: reference log-probs (weights swapped in from CPU), the
+Each step does what DPOTrainer does: reference log-probs (the reference policy, weights swapped in from the host), the
 policy's forward/backward over micro-batches of whole pairs, one AdamW step. Prints tokens/s,
 pairs/s, step time, model FLOPs utilisation against a bf16 matmul peak measured in the same run,
 and peak GPU memory.
@@ -113,8 +113,8 @@ def main() -> None:
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=shape, tokenizer_path=args.tokenizer),
                          TrainerConfig(devices=world, precision=Precision(args.precision)))
     policy.setup_optimizer(max_steps=args.steps + args.warmup)
-    local_pairs = args.global_pairs // policy.dims.dp
-    batch = synthetic_pairs(local_pairs, args.seq_len, shape["vocab_size"], seed=policy.dp_rank)
+    local_pairs = args.global_pairs // policy.data_parallel.size
+    batch = synthetic_pairs(local_pairs, args.seq_len, shape["vocab_size"], seed=policy.data_parallel.rank)
     on_gpu = policy.device.type == "cuda"
     peak = measure_bf16_peak(policy.device, n=8192 if on_gpu else 512)
     if on_gpu:
@@ -135,7 +135,7 @@ def main() -> None:
     # policy forward + backward (3 forward-equivalents) and the reference forward (1)
     flops = 4 * tokens * forward_flops_per_token(shape, args.seq_len)
     result = {
-        "shape": args.shape, "parameters": policy.num_parameters(), "gpus": world, "tp": args.tp,
+        "shape": args.shape, "parameters": policy.engine.num_parameters(), "gpus": world, "tp": args.tp,
         "precision": args.precision, "seq_len": args.seq_len, "global_pairs": args.global_pairs,
         "micro_pairs": args.micro_pairs, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
         "pairs_per_s": args.global_pairs / step_time, "model_tflops_per_step": flops / 1e12,

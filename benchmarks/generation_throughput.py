@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dpo_throughput import SHAPES, report, sync  # noqa: E402
 
 from nemo_aligner.config.schema import ModelConfig, Precision, PretrainedCheckpointConfig, TrainerConfig  # noqa: E402
-from nemo_aligner.engines.base import LengthParams, SamplingParams  # noqa: E402
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel  # noqa: E402
+from nemo_aligner.types import LengthParams, SamplingParams  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
                       encoder_seq_length=args.prompt_len + args.new_tokens)
     policy = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=shape, tokenizer_path=args.tokenizer),
                       TrainerConfig(devices=world, precision=Precision(args.precision)))
-    gen = torch.Generator().manual_seed(policy.dp_rank)
+    gen = torch.Generator().manual_seed(policy.data_parallel.rank)
     prompts = torch.randint(3, shape["vocab_size"], (args.batch, args.prompt_len), generator=gen).to(policy.device)
     mask = torch.ones_like(prompts)
     sampling = SamplingParams(use_greedy=args.greedy)
@@ -66,9 +66,9 @@ def main() -> None:
     assert int(out.response_lengths.min()) == args.new_tokens
     elapsed = statistics.median(times)
     new_tokens = args.batch * args.new_tokens * dp
-    weight_bytes = policy.num_parameters() * (2 if args.precision == "bf16" else 4)
+    weight_bytes = policy.engine.num_parameters() * (2 if args.precision == "bf16" else 4)
     result = {
-        "shape": args.shape, "parameters": policy.num_parameters(), "gpus": world, "tp": args.tp,
+        "shape": args.shape, "parameters": policy.engine.num_parameters(), "gpus": world, "tp": args.tp,
         "precision": args.precision, "batch_per_rank": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "seconds": elapsed, "new_tokens_per_s": new_tokens / elapsed,
         "ms_per_decode_step": 1000 * elapsed / args.new_tokens,

@@ -57,6 +57,13 @@ def model_cfg(**overrides: object) -> ModelConfig:
     return ModelConfig(**base)  # type: ignore[arg-type]
 
 
+def loader_args(policy: object, model: ModelConfig, *, global_batch: bool = True) -> dict[str, object]:
+    """The plain values the data builders take, from a built policy and its model config."""
+    args = dict(tokenizer=policy.tokenizer, data=model.data, max_seq_length=model.encoder_seq_length,  # type: ignore[attr-defined]
+                data_parallel=policy.data_parallel)  # type: ignore[attr-defined]
+    return {**args, "global_batch_size": model.global_batch_size} if global_batch else args
+
+
 def pretrained(path: str) -> PretrainedCheckpointConfig:
     return PretrainedCheckpointConfig(restore_from_path=path)
 

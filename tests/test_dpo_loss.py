@@ -1,4 +1,4 @@
-"""dpo_loss_fn against a naive per-pair loop written from the formulas."""
+"""dpo_loss_fn (with model.dpo bound as GPTDPOModel binds it) against a naive per-pair loop written from the formulas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nemo_aligner.config.dpo import DPOLossConfig
-from nemo_aligner.models.nlp.gpt.gpt_dpo_model import dpo_loss_fn, finalize_dpo_metrics
+from nemo_aligner.losses.dpo import finalize_dpo_metrics
+from nemo_aligner.models.nlp.gpt.gpt_dpo_model import build_dpo_loss_fn
 
 
 def _naive(lp, ref, mask, rewards, cfg: DPOLossConfig) -> dict[str, float]:
@@ -58,7 +59,7 @@ def test_dpo_loss_fn_matches_naive_loop(name: str, average: bool) -> None:
                         sft_loss_weight=0.25, preference_average_log_probs=average, sft_average_log_probs=average,
                         gt_reward_scale=1.5)
     batch = {"loss_mask": loss_mask, "ref_logprobs": ref[:, 1:], "rewards": rewards}
-    loss, sums = dpo_loss_fn(lp[:, 1:], batch, cfg=cfg, global_pairs=torch.tensor(3.0, dtype=torch.float64))
+    loss, sums = build_dpo_loss_fn(cfg)(lp[:, 1:], batch, global_pairs=torch.tensor(3.0, dtype=torch.float64))
     got = {"loss": loss.item(), **finalize_dpo_metrics(sums)}
     want = _naive(lp[:, 1:].tolist(), ref[:, 1:].tolist(), loss_mask[:, 1:].tolist(), rewards.tolist(), cfg)
     assert got.keys() == want.keys()
@@ -70,15 +71,15 @@ def test_splitting_pairs_across_micro_batches_sums_to_the_whole() -> None:
     gen = torch.Generator().manual_seed(1)
     lp, ref = -torch.rand(8, 5, generator=gen), -torch.rand(8, 5, generator=gen)
     batch = {"loss_mask": torch.ones(8, 6), "ref_logprobs": ref, "rewards": torch.zeros(8)}
-    cfg = DPOLossConfig()
-    whole, _ = dpo_loss_fn(lp, batch, cfg=cfg, global_pairs=torch.tensor(4.0))
-    halves = sum(dpo_loss_fn(lp[i:i + 4], {k: v[i:i + 4] for k, v in batch.items()}, cfg=cfg,
-                             global_pairs=torch.tensor(4.0))[0] for i in (0, 4))
+    loss_fn = build_dpo_loss_fn(DPOLossConfig())
+    whole, _ = loss_fn(lp, batch, global_pairs=torch.tensor(4.0))
+    halves = sum(loss_fn(lp[i:i + 4], {k: v[i:i + 4] for k, v in batch.items()}, global_pairs=torch.tensor(4.0))[0]
+                 for i in (0, 4))
     assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
-def test_both_weights_zero_is_a_config_error() -> None:
+def test_both_weights_zero_is_a_config_error_and_an_unknown_loss_fails_when_bound() -> None:
     with pytest.raises(ValueError, match="both 0"):
         DPOLossConfig(preference_loss_weight=0.0, sft_loss_weight=0.0)
     with pytest.raises(ValueError, match=r"model.dpo.preference_loss='kto' is invalid: it must be one of \['dpo'"):
-        DPOLossConfig(preference_loss="kto")
+        build_dpo_loss_fn(DPOLossConfig(preference_loss="kto"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO, write_pairs
+from helpers import REPO, loader_args, write_pairs
 from nemo_aligner.algorithms.dpo import DPOTrainer
 from nemo_aligner.algorithms.loop import NonFiniteLossError
 from nemo_aligner.config.dpo import DPOJobConfig
@@ -46,8 +46,8 @@ def _config(model_dir: str, data: str, log_dir: str, **loop: object) -> DPOJobCo
 def _trainer(cfg: DPOJobConfig, seen: list[list[int]]) -> DPOTrainer:
     policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     data = cfg.model.data
-    train = build_preference_loader(data.data_prefix.train, policy, data, shuffle=True)
-    val = build_preference_loader(data.data_prefix.validation, policy, data, shuffle=False)
+    train = build_preference_loader(data.data_prefix.train, shuffle=True, **loader_args(policy, cfg.model))
+    val = build_preference_loader(data.data_prefix.validation, shuffle=False, **loader_args(policy, cfg.model))
     take = train.sampler.next_batch
     train.sampler.next_batch = lambda: seen.append(take()) or seen[-1]  # record what each step trained on
     return DPOTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.dpo, exp=cfg.exp_manager,
@@ -118,7 +118,7 @@ def test_nan_loss_stops_with_step_and_batch_and_saves_nothing(llama_dir: str, pr
     assert not os.path.exists(os.path.join(log_dir, "hf_model"))
 
 
-def test_entry_script_rejects_bad_data_before_writing(llama_dir: str, tmp_path) -> None:
+def test_entry_script_rejects_bad_data_and_an_unknown_loss_before_writing(llama_dir: str, tmp_path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "chosen_response": "2", "rejected_response": "3"}\n'
                    '{"prompt": "1+2=", "chosen_response": 3, "rejected_response": "4"}\n'
@@ -129,4 +129,9 @@ def test_entry_script_rejects_bad_data_before_writing(llama_dir: str, tmp_path) 
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert f"{bad}:2: field 'chosen_response'" in proc.stderr and f"{bad}:3:" in proc.stderr
+    assert not log_dir.exists()
+    cmd = [*cmd[:3], "model.dpo.preference_loss=kto", *cmd[4:]]  # good data, unknown loss name
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "model.dpo.preference_loss='kto' is invalid: it must be one of ['dpo', 'ipo'" in proc.stderr, proc.stderr[-2000:]
     assert not log_dir.exists()

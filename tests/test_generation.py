@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import FP32, model_cfg, pretrained
-from nemo_aligner.engines.base import LengthParams, SamplingParams
+from nemo_aligner.types import LengthParams, SamplingParams
 from nemo_aligner.engines.torch_native.generation import generate, sample_next_token
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
@@ -38,7 +38,7 @@ def test_greedy_equals_transformers_generate_on_mixed_length_prompts(policy: GPT
     ours = policy.generate(ids, mask, SamplingParams(use_greedy=True), LengthParams(max_length=7))
     # Make EOS a token the model actually emits mid-sequence, so rows stop at different steps.
     eos = int(ours.tokens[0, ids.shape[1] + 2])
-    ours = generate(policy.module, ids, mask, sampling=SamplingParams(use_greedy=True), length=LengthParams(max_length=7),
+    ours = generate(policy.engine.module, ids, mask, sampling=SamplingParams(use_greedy=True), length=LengthParams(max_length=7),
                     eos_token_id=eos, pad_token_id=pad, generator=None, dp_group=None)
     reference = _hf_greedy(llama_dir, ids, mask, eos=eos, pad=pad, new=7)
     assert torch.equal(ours.tokens, reference)
@@ -55,10 +55,10 @@ def test_greedy_equals_transformers_generate_on_mixed_length_prompts(policy: GPT
 def test_min_length_suppresses_eos(policy: GPTModel) -> None:
     pad = policy.tokenizer.pad_token_id
     ids, mask = _left_padded(pad)
-    first = generate(policy.module, ids, mask, sampling=SamplingParams(use_greedy=True), length=LengthParams(max_length=1),
+    first = generate(policy.engine.module, ids, mask, sampling=SamplingParams(use_greedy=True), length=LengthParams(max_length=1),
                      eos_token_id=0, pad_token_id=pad, generator=None, dp_group=None).tokens[:, -1]
     eos = int(first[0])
-    out = generate(policy.module, ids, mask, sampling=SamplingParams(use_greedy=True),
+    out = generate(policy.engine.module, ids, mask, sampling=SamplingParams(use_greedy=True),
                    length=LengthParams(max_length=5, min_length=3), eos_token_id=eos, pad_token_id=pad,
                    generator=None, dp_group=None)
     assert (out.tokens[:, ids.shape[1]: ids.shape[1] + 3] != eos).all()

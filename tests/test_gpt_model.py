@@ -43,7 +43,7 @@ def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, request:
     ref_loss.backward()
     assert metrics["loss"].item() == pytest.approx(ref_loss.item(), abs=1e-5)
     ref_params = dict(ref.named_parameters())
-    for name, param in model.module.named_parameters():
+    for name, param in model.engine.module.named_parameters():
         torch.testing.assert_close(_full(param.grad), ref_params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
 
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm=0.05)
@@ -54,7 +54,7 @@ def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, request:
     torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
                        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                       lr=1e-2, betas=(0.9, 0.98), eps=1e-4).step()
-    for name, param in model.module.named_parameters():
+    for name, param in model.engine.module.named_parameters():
         torch.testing.assert_close(_full(param.data), ref_params[name].data, atol=1e-6, rtol=1e-5, msg=name)
 
 
@@ -64,7 +64,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(llama_dir: str) -> Non
     for micro in (1, 4):
         model = GPTModel(model_cfg(micro_batch_size=micro, global_batch_size=4), pretrained(llama_dir), FP32)
         loss = model.forward_backward(batch, _sft(batch))["loss"]
-        grads.append((loss, {n: _full(p.grad).clone() for n, p in model.module.named_parameters()}))
+        grads.append((loss, {n: _full(p.grad).clone() for n, p in model.engine.module.named_parameters()}))
     assert grads[0][0].item() == pytest.approx(grads[1][0].item(), abs=1e-6)
     for name in grads[0][1]:
         torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-6, rtol=1e-5)
@@ -87,10 +87,10 @@ def test_optimizer_state_offload_round_trip_is_bit_exact(llama_dir: str) -> None
     model.optimizer_step(1.0)
     states = [v.to_local() if hasattr(v, "to_local") else v for s in model.engine.optimizer.state.values() for v in s.values()]
     before = [t.clone() for t in states]
-    model.offload_optimizer_state()
+    model.engine.offload_optimizer_state()
     freed = [t for t in states if t.dim() > 0]
     assert freed and all(t.untyped_storage().size() == 0 for t in freed)
-    model.onload_optimizer_state()
+    model.engine.onload_optimizer_state()
     assert all(torch.equal(a, b) for a, b in zip(before, states))
     model.forward_backward(batch, _sft(batch))
     model.optimizer_step(1.0)  # training goes on with the restored state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,10 @@ import torch
 
 from nemo_aligner.losses import (
     PREFERENCE_LOSSES,
+    PreferencePairs,
+    bind_preference_loss,
     get_preference_loss,
+    preference_pairs,
     register_preference_loss,
     sequence_log_ratio,
     sequence_nll,
@@ -35,16 +39,26 @@ EXPECTED = {
 }
 
 
+def _pairs(chosen: list[float], rejected: list[float], gt: list[float]) -> PreferencePairs:
+    """Pairs with the given log-ratios and reward margins (log-probs and lengths are not used by the seed losses)."""
+    unused = torch.full((len(gt),), float("nan"), dtype=torch.float64)
+    return PreferencePairs(chosen_logratios=torch.tensor(chosen, dtype=torch.float64),
+                           rejected_logratios=torch.tensor(rejected, dtype=torch.float64), chosen_logps=unused,
+                           rejected_logps=unused, chosen_lengths=unused, rejected_lengths=unused,
+                           gt_margin=torch.tensor(gt, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_loss_values(name: str) -> None:
-    loss = get_preference_loss(name)(torch.tensor(DELTA, dtype=torch.float64), beta=BETA,
-                                     gt_margin=torch.tensor(GT, dtype=torch.float64))
+    # Δ = R_chosen − R_rejected with both sides non-zero, so a loss that ignored one side would fail
+    loss = get_preference_loss(name)(_pairs([d + 0.25 for d in DELTA], [0.25, 0.25], GT), beta=BETA)
     assert loss.tolist() == pytest.approx(EXPECTED[name], rel=1e-12)
 
 
 def _grad(name: str, delta: float, gt: float) -> float:
     d = torch.tensor([delta], dtype=torch.float64, requires_grad=True)
-    get_preference_loss(name)(d, beta=BETA, gt_margin=torch.tensor([gt], dtype=torch.float64)).sum().backward()
+    pairs = dataclasses.replace(_pairs([0.0], [0.0], [gt]), chosen_logratios=d)
+    get_preference_loss(name)(pairs, beta=BETA).sum().backward()
     return d.grad.item()
 
 
@@ -59,7 +73,7 @@ def test_gradient_signs() -> None:
 def test_registry_rejects_duplicates_and_lists_names() -> None:
     assert sorted(PREFERENCE_LOSSES) == ["dpo", "ipo", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_sq"]
     with pytest.raises(ValueError, match="already registered"):
-        register_preference_loss("dpo")(lambda delta, *, beta, gt_margin: delta)
+        register_preference_loss("dpo")(lambda pairs, *, beta: pairs.margin)
     with pytest.raises(ValueError, match=r"unknown preference loss 'kto'; valid: \['dpo', 'ipo'"):
         get_preference_loss("kto")
 
@@ -72,3 +86,26 @@ def test_sequence_reductions_and_empty_responses() -> None:
     assert sequence_log_ratio(logprobs, ref, mask, average=True).tolist() == [-1.5, 0.0]
     assert sequence_nll(logprobs, mask, average=False).tolist() == [5.0, 0.0]
     assert sequence_nll(logprobs, mask, average=True).tolist() == [2.5, 0.0]
+
+
+def test_preference_pairs_split_the_pair_layout_rows() -> None:
+    # rows: chosen 0, rejected 0, chosen 1, rejected 1 (target-aligned, 3 positions)
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0], [-1.0, -1.0, -1.0], [-4.0, -2.0, -2.0]])
+    ref = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    pairs = preference_pairs(logprobs, ref, mask, average_log_probs=False, gt_margin=torch.tensor([1.0, 2.0]))
+    assert pairs.chosen_logratios.tolist() == [-3.0, 3.0] and pairs.rejected_logratios.tolist() == [1.0, 0.0]
+    assert pairs.chosen_logps.tolist() == [-5.0, -3.0] and pairs.rejected_logps.tolist() == [-1.0, -2.0]
+    assert pairs.chosen_lengths.tolist() == [2.0, 3.0] and pairs.rejected_lengths.tolist() == [2.0, 1.0]
+    assert pairs.margin.tolist() == [-4.0, 3.0] and pairs.gt_margin.tolist() == [1.0, 2.0]
+    averaged = preference_pairs(logprobs, ref, mask, average_log_probs=True, gt_margin=torch.tensor([1.0, 2.0]))
+    assert averaged.chosen_logratios.tolist() == [-1.5, 1.0] and averaged.rejected_logratios.tolist() == [0.5, 0.0]
+    assert averaged.chosen_logps.tolist() == [-5.0, -3.0]  # log-probs stay sums; a loss normalises them itself
+
+
+def test_binding_checks_the_name_and_the_loss_own_hyper_parameters() -> None:
+    assert bind_preference_loss("ipo", {}, key="model.dpo.preference_loss") is PREFERENCE_LOSSES["ipo"]
+    with pytest.raises(ValueError, match=r"model.dpo.preference_loss='kto' is invalid: it must be one of \['dpo', 'ipo'"):
+        bind_preference_loss("kto", {}, key="model.dpo.preference_loss")
+    with pytest.raises(ValueError, match=r"model.dpo.preference_loss='dpo': hyper-parameters \{'gamma': 1.0\} do not fit"):
+        bind_preference_loss("dpo", {"gamma": 1.0}, key="model.dpo.preference_loss")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nemo_aligner.config.schema import SchedConfig, SchedulerName
-from nemo_aligner.engines.torch_native.optim import global_grad_norm, lr_at
+from nemo_aligner.engines.torch_native.optim import global_grad_norm
+from nemo_aligner.utils.lr_schedule import lr_at
 
 
 def test_cosine_with_warmup_and_constant_hold() -> None:

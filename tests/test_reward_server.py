@@ -413,7 +413,7 @@ def test_rs_training_through_the_server_equals_the_in_process_reward(function_se
     from test_rs import _config, _trainer
 
     from nemo_aligner.utils.metrics import read_metrics
-    from nemo_aligner.utils.rewards import FunctionReward, RemoteReward
+    from nemo_aligner.servers.rewards import FunctionReward, RemoteReward
 
     prompts = tmp_path / "prompts.jsonl"
     rng = random.Random(1)

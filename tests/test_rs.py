@@ -11,14 +11,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import loader_args
+
 from nemo_aligner.algorithms.rs import RSTrainer
 from nemo_aligner.config.loader import load_config
 from nemo_aligner.config.rs import RSJobConfig
 from nemo_aligner.data.builders import build_prompt_loader
 from nemo_aligner.data.jsonl import DataFormatError
-from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor, select_top_n
+from nemo_aligner.algorithms.rs import select_top_n
+from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
 from nemo_aligner.utils.metrics import read_metrics
-from nemo_aligner.utils.rewards import FunctionReward, RewardError
+from nemo_aligner.servers.rewards import FunctionReward, RewardError
 
 PROMPTS = 16  # 4 prompts per step -> 4 steps per epoch
 
@@ -59,8 +62,9 @@ def _config(model_dir: str, data: str, log_dir: str, **loop: object) -> RSJobCon
 def _trainer(cfg: RSJobConfig, reward=FunctionReward(length_reward)) -> RSTrainer:
     policy = GPTRSActor(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     rs, data = cfg.model.rs, cfg.model.data
-    loader = lambda n, shuffle: build_prompt_loader(data.data_prefix.train, policy, data, prompts_per_step=n,  # noqa: E731
-                                                    response_budget=rs.length_params.max_length, shuffle=shuffle)
+    loader = lambda n, shuffle: build_prompt_loader(data.data_prefix.train, prompts_per_step=n,  # noqa: E731
+                                                    response_budget=rs.length_params.max_length, shuffle=shuffle,
+                                                    **loader_args(policy, cfg.model, global_batch=False))
     return RSTrainer(policy=policy, train_data=loader(rs.num_rollout_samples, True), val_data=loader(rs.num_val_samples, False),
                      loop=cfg.trainer.rs, exp=cfg.exp_manager, log_every_n_steps=1, config_dict={}, reward=reward, rs=rs)
 
@@ -87,7 +91,7 @@ def test_kept_rollouts_come_from_each_rows_own_generations_with_duplicate_prompt
 
     trainer.reward = reward
     seen = {}
-    trainer.policy.sft_update = lambda kept, clip: seen.setdefault("kept", kept) and [{"loss": 0.0, "num_tokens": 1.0, "grad_norm": 0.0, "lr": 0.0}]
+    trainer.fine_tune = lambda kept: seen.setdefault("kept", kept) and [{"loss": 0.0, "num_tokens": 1.0, "grad_norm": 0.0, "lr": 0.0}]
     metrics = trainer.train_step(batch)
     kept = [(p.tolist(), r.tolist()) for p, r in seen["kept"]]
     expected = []
@@ -132,7 +136,7 @@ def test_resume_equals_uninterrupted_run(llama_dir: str, prompt_file: str, tmp_p
     for a, b in zip(records(killed), records(straight)):
         for key in ("loss", "reward_mean", "kept_reward_mean", "lr", "consumed_samples"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
-    assert resumed.policy.engine.scheduler.last_epoch == 8 * resumed.optimizer_steps_per_step
+    assert resumed.policy.engine.scheduler.last_epoch == 8 * resumed.updates_per_step
     rollouts = [json.loads(line) for line in open(os.path.join(straight, "rollouts.jsonl"))]
     assert len(rollouts) == 8 * 2 and {"prompt", "response", "reward", "step"} <= rollouts[0].keys()
 
@@ -143,5 +147,6 @@ def test_prompt_file_with_bad_lines_names_file_line_and_field(llama_dir: str, tm
     cfg = _config(llama_dir, str(bad), str(tmp_path / "run"))
     policy = GPTRSActor(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     with pytest.raises(DataFormatError) as err:
-        build_prompt_loader(str(bad), policy, cfg.model.data, prompts_per_step=4, response_budget=5, shuffle=True)
+        build_prompt_loader(str(bad), prompts_per_step=4, response_budget=5, shuffle=True,
+                            **loader_args(policy, cfg.model, global_batch=False))
     assert f"{bad}:2: field 'text'" in str(err.value) and f"{bad}:3: field 'text'" in str(err.value)

@@ -14,13 +14,14 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from helpers import REPO, write_sft
+from helpers import REPO, loader_args, write_sft
 from nemo_aligner.algorithms.spin import SPINTrainer
 from nemo_aligner.config.loader import load_config
 from nemo_aligner.config.spin import SPINJobConfig
 from nemo_aligner.data.builders import build_sft_loader
-from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel, spin_loss_fn
-from nemo_aligner.models.nlp.gpt.reward_metrics import finalize_reward_metrics
+from nemo_aligner.losses.reward_metrics import finalize_reward_metrics
+from nemo_aligner.losses.spin import spin_loss_fn
+from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
 from nemo_aligner.utils.metrics import read_metrics
 
 PROMPTS, GBS = 24, 8  # 3 steps per epoch
@@ -51,10 +52,12 @@ def _config(model_dir: str, data: str, log_dir: str, *, greedy: bool = False, **
 def _trainer(cfg: SPINJobConfig, **kwargs: object) -> SPINTrainer:
     policy = GPTSPINModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     data, budget = cfg.model.data, cfg.model.spin.length_params.max_length
-    return SPINTrainer(policy=policy, train_data=build_sft_loader(data.train_ds.file_path, policy, data, response_budget=budget, shuffle=True),
-                       val_data=build_sft_loader(data.validation_ds.file_path, policy, data, response_budget=0, shuffle=False),
-                       loop=cfg.trainer.spin, exp=cfg.exp_manager, log_every_n_steps=1, config_dict={},
-                       pad_to_multiple_of=data.pad_to_multiple_of, **kwargs)
+    train = build_sft_loader(data.train_ds.file_path, response_budget=budget, shuffle=True, collate=False,
+                             **loader_args(policy, cfg.model))
+    val = build_sft_loader(data.validation_ds.file_path, response_budget=0, shuffle=False, collate=True,
+                           **loader_args(policy, cfg.model))
+    return SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
+                       log_every_n_steps=1, config_dict={}, **kwargs)
 
 
 def test_spin_loss_against_hand_computed_values() -> None:

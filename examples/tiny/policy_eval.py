@@ -15,8 +15,8 @@ import math
 import torch
 
 from examples.tiny.task import is_correct
-from nemo_aligner.engines.base import LengthParams, SamplingParams
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.types import LengthParams, SamplingParams
 
 
 class TinyTaskAccuracy:
@@ -28,7 +28,7 @@ class TinyTaskAccuracy:
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def __call__(self, policy: GPTModel) -> dict[str, float]:
-        dp, rank = policy.dims.dp, policy.dp_rank
+        dp, rank = policy.data_parallel.size, policy.data_parallel.rank
         shard = self.examples[rank::dp]
         # every rank runs the same number of generate calls (they are collective under FSDP)
         batches = math.ceil(math.ceil(len(self.examples) / dp) / self.batch_size)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from nemo_aligner.algorithms.loop import Batch, BaseTrainer
+from nemo_aligner.algorithms.loop import BaseTrainer
 from nemo_aligner.data.collate import dpo_custom_collate
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
+from nemo_aligner.types import Batch
 
 __all__ = ["DPOTrainer", "dpo_custom_collate"]
 
 
 class DPOTrainer(BaseTrainer):
-    """Each step: reference log-probs (weights swapped in from CPU), the preference loss over
-    micro-batches of whole pairs, one optimizer step clipped by the global gradient norm."""
+    """Each step: reference log-probs, the preference loss over micro-batches of whole pairs, one
+    optimizer step clipped by the global gradient norm."""
 
     algorithm = "dpo"
     policy: GPTDPOModel

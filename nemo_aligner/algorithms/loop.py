@@ -17,14 +17,13 @@ from typing import Any, Mapping, Optional
 from tqdm import tqdm
 
 from nemo_aligner.config.schema import ExpManagerConfig, LoopConfig, resolve_count
-from nemo_aligner.data.loader import Batch, StepDataLoader
+from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.utils.checkpoint import CheckpointManager, ShardedSaveable, Stateful
 from nemo_aligner.utils.distributed import is_rank0, log_rank0
 from nemo_aligner.utils.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
-
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,7 +55,6 @@ class BaseTrainer:
         self.policy, self.train_data, self.val_data = policy, train_data, val_data
         self.loop, self.exp, self.log_every_n_steps = loop, exp, log_every_n_steps
         self.state = TrainerState()
-        self.optimizer_steps_per_step = 1  # rejection sampling takes several per loop step
         per_epoch = train_data.sampler.batches_per_epoch
         epochs_steps = loop.max_epochs * per_epoch
         self.max_steps = epochs_steps if loop.max_steps == -1 else min(loop.max_steps, epochs_steps)
@@ -74,13 +72,18 @@ class BaseTrainer:
         self.last_val: dict[str, float] = {}
 
     # --------------------------------------------------------------- to supply
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimizer step; metrics reduced over ranks, including `num_tokens` (all tokens the
-        step's forward/backward passes processed, over all ranks)."""
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One step on this rank's share of a global batch; metrics reduced over ranks, including
+        `num_tokens` (all tokens the step's forward/backward passes processed, over all ranks)."""
         raise NotImplementedError
 
-    def validation_step(self, batch: Batch) -> dict[str, float]:
+    def validation_step(self, batch: Any) -> dict[str, float]:
         raise NotImplementedError
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, the LR schedule's horizon: one per train step unless an
+        algorithm's step takes several (rejection sampling)."""
+        return self.max_steps
 
     def statefuls(self) -> dict[str, Stateful]:
         """Small state a checkpoint restores (rank 0's copy); algorithms may add entries."""
@@ -99,7 +102,7 @@ class BaseTrainer:
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
         """Train to max_steps (resuming first if a checkpoint exists); returns the last val metrics."""
-        self.policy.setup_optimizer(max_steps=self.max_steps * self.optimizer_steps_per_step)
+        self.policy.setup_optimizer(max_steps=self.optimizer_steps())
         if self._resume_path is not None:
             self.checkpoints.load(self._resume_path, self.policy, self.statefuls(), self.sharded_statefuls())
         log_rank0(logger, "%s: %d steps (%d per epoch), validation every %d steps on %d batches, resuming at step %d",

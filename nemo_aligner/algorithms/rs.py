@@ -1,7 +1,8 @@
 """RSTrainer: rejection-sampling fine-tuning on the shared fit loop.
 
 Each step takes num_rollout_samples prompts, generates num_rollouts_per_prompt responses for
-each, scores them, keeps the top_n_rollouts per prompt, and fine-tunes on the kept ones.
+each, scores them, keeps the top_n_rollouts per prompt, and fine-tunes on the kept ones with one
+optimizer step per global_batch_size kept sequences.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ import torch
 
 from nemo_aligner.algorithms.loop import BaseTrainer
 from nemo_aligner.config.rs import RSConfig, RSLoopConfig
-from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor, select_top_n
+from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
+from nemo_aligner.servers.rewards import Reward, checked_rewards
 from nemo_aligner.utils.distributed import is_rank0
-from nemo_aligner.utils.rewards import Reward, checked_rewards
+
+KeptSequence = tuple[torch.Tensor, torch.Tensor]  # (prompt ids, response ids)
+
+
+def select_top_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices [P, n] of the n best rollouts of each prompt row in rewards [P, K] (ties: lower
+    index first). Selection is per example row, so duplicate prompts are handled independently."""
+    return torch.sort(rewards, dim=1, descending=True, stable=True).indices[:, :n]
 
 
 class RSTrainer(BaseTrainer):
@@ -28,8 +37,11 @@ class RSTrainer(BaseTrainer):
     def __init__(self, *, reward: Reward, rs: RSConfig, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.reward, self.rs = reward, rs
-        self.optimizer_steps_per_step = rs.num_rollout_samples * rs.top_n_rollouts // self.policy.cfg.global_batch_size
+        self.updates_per_step = rs.num_rollout_samples * rs.top_n_rollouts // self.policy.cfg.global_batch_size
         self.rollout_log = os.path.join(self.log_dir, "rollouts.jsonl")
+
+    def optimizer_steps(self) -> int:
+        return self.max_steps * self.updates_per_step
 
     def train_step(self, batch: list[dict[str, Any]]) -> dict[str, float]:
         k, n = self.rs.num_rollouts_per_prompt, self.rs.top_n_rollouts
@@ -38,24 +50,34 @@ class RSTrainer(BaseTrainer):
         generation_time = time.perf_counter() - start
         keep = select_top_n(rewards, n)
         kept = [(batch[i]["prompt_ids"], rollouts[i * k + j]) for i in range(len(batch)) for j in keep[i].tolist()]
-        kept_rewards = rewards.gather(1, keep)
         start = time.perf_counter()
-        updates = self.policy.sft_update(kept, self.loop.gradient_clip_val)
+        updates = self.fine_tune(kept)
         training_time = time.perf_counter() - start
-        lengths = torch.tensor([float(len(r)) for r in rollouts])
         return {
-            **self._reward_stats(rewards, "reward"), **self._reward_stats(kept_rewards, "kept_reward"),
-            "response_length_mean": self._mean(lengths),
+            **self._reward_stats(rewards, "reward"), **self._reward_stats(rewards.gather(1, keep), "kept_reward"),
+            "response_length_mean": self.policy.global_mean(torch.tensor([float(len(r)) for r in rollouts])),
             "loss": sum(u["loss"] for u in updates) / len(updates),
             "grad_norm": updates[-1]["grad_norm"], "lr": updates[-1]["lr"],
             "num_tokens": sum(u["num_tokens"] for u in updates),
             "generation_time": generation_time, "training_time": training_time,
         }
 
+    def fine_tune(self, kept: Sequence[KeptSequence]) -> list[dict[str, float]]:
+        """One optimizer step per global_batch_size kept sequences (this rank's share of them at a
+        time); returns each step's metrics."""
+        local = self.policy.local_batch_size
+        updates = []
+        for start in range(0, len(kept), local):
+            metrics = self.policy.loss_and_metrics(self.policy.sequence_batch(list(kept[start : start + local])))
+            grad_norm, lr = self.policy.optimizer_step(self.loop.gradient_clip_val)
+            updates.append({**metrics, "grad_norm": grad_norm, "lr": lr})
+        return updates
+
     def validation_step(self, batch: list[dict[str, Any]]) -> dict[str, float]:
         rollouts, rewards = self._rollouts(batch, 1, what=f"rs validation at step {self.state.step}")
         lengths = torch.tensor([float(len(r)) for r in rollouts])
-        return {"reward_mean": self._mean(rewards.flatten()), "response_length_mean": self._mean(lengths),
+        return {"reward_mean": self.policy.global_mean(rewards.flatten()),
+                "response_length_mean": self.policy.global_mean(lengths),
                 "num_tokens": self.policy.global_sum(lengths.sum()).item()}
 
     def _rollouts(self, batch: list[dict[str, Any]], k: int, *, what: str) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -75,10 +97,7 @@ class RSTrainer(BaseTrainer):
             for p, r, s in list(zip(prompts, responses, scores))[: self.loop.rollout_log_samples]:
                 f.write(json.dumps({"step": self.state.step + 1, "prompt": p, "response": r, "reward": s}) + "\n")
 
-    def _mean(self, values: torch.Tensor) -> float:
-        return (self.policy.global_sum(values.sum()) / self.policy.global_sum(torch.tensor(float(values.numel())))).item()
-
     def _reward_stats(self, rewards: torch.Tensor, name: str) -> dict[str, float]:
-        return {f"{name}_mean": self._mean(rewards.flatten()),
+        return {f"{name}_mean": self.policy.global_mean(rewards.flatten()),
                 f"{name}_max": self.policy.global_max(rewards.max()).item(),
                 f"{name}_min": -self.policy.global_max(-rewards.min()).item()}

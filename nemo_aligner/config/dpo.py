@@ -12,9 +12,8 @@ from nemo_aligner.config.schema import (
     ModelConfig,
     PretrainedCheckpointConfig,
     TrainerConfig,
-    _require,
 )
-from nemo_aligner.losses.preference import PREFERENCE_LOSSES
+from nemo_aligner.types import require
 
 
 @dataclass
@@ -22,7 +21,7 @@ class DPOLossConfig:
     """model.dpo: the preference loss and its weights."""
 
     ref_policy_kl_penalty: float = 0.2  # beta
-    preference_loss: str = "dpo"  # a name in nemo_aligner.losses.PREFERENCE_LOSSES
+    preference_loss: str = "dpo"  # a name in nemo_aligner.losses.PREFERENCE_LOSSES (checked when the model is built)
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
     preference_average_log_probs: bool = False  # R as a per-token mean instead of a sum
@@ -31,14 +30,12 @@ class DPOLossConfig:
     log_prob_forward_micro_batch_size: int = 1  # pairs per forward pass for reference log-probs
 
     def __post_init__(self) -> None:
-        _require(self.preference_loss in PREFERENCE_LOSSES, "model.dpo.preference_loss", self.preference_loss,
-                 f"one of {sorted(PREFERENCE_LOSSES)}")
-        _require(self.ref_policy_kl_penalty > 0, "model.dpo.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "> 0")
-        _require(self.preference_loss_weight >= 0, "model.dpo.preference_loss_weight", self.preference_loss_weight, ">= 0")
-        _require(self.sft_loss_weight >= 0, "model.dpo.sft_loss_weight", self.sft_loss_weight, ">= 0")
+        require(self.ref_policy_kl_penalty > 0, "model.dpo.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "> 0")
+        require(self.preference_loss_weight >= 0, "model.dpo.preference_loss_weight", self.preference_loss_weight, ">= 0")
+        require(self.sft_loss_weight >= 0, "model.dpo.sft_loss_weight", self.sft_loss_weight, ">= 0")
         if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
             raise ValueError("model.dpo.preference_loss_weight and model.dpo.sft_loss_weight are both 0: nothing to train")
-        _require(self.log_prob_forward_micro_batch_size >= 1, "model.dpo.log_prob_forward_micro_batch_size",
+        require(self.log_prob_forward_micro_batch_size >= 1, "model.dpo.log_prob_forward_micro_batch_size",
                  self.log_prob_forward_micro_batch_size, ">= 1")
 
 

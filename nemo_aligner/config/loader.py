@@ -54,15 +54,3 @@ def instantiate_target(spec: dict[str, Any]) -> Any:
         sys.path.append(os.getcwd())
     return hydra.utils.instantiate(spec)
 
-
-def save_config(raw: Any, log_dir: str) -> None:
-    """Create the log directory and write the job's config to `<log_dir>/config.yaml` (rank 0).
-
-    Entry scripts call it once every input is validated, so nothing lands in the log directory
-    before that.
-    """
-    from nemo_aligner.utils.distributed import is_rank0
-
-    if is_rank0():
-        os.makedirs(log_dir, exist_ok=True)
-        OmegaConf.save(raw, os.path.join(log_dir, "config.yaml"))

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from nemo_aligner.config.schema import _require
+from nemo_aligner.types import require
 
 
 class RewardModelMode(enum.Enum):
@@ -31,12 +31,12 @@ class RewardModelConfig:
     max_length: int = 4096  # sequence_classification: prompt + response tokens; longer items are rejected (422)
 
     def __post_init__(self) -> None:
-        _require(self.max_length >= 1, "reward_model.max_length", self.max_length, ">= 1")
+        require(self.max_length >= 1, "reward_model.max_length", self.max_length, ">= 1")
         if self.mode is RewardModelMode.sequence_classification:
-            _require(bool(self.model_path), "reward_model.model_path", self.model_path,
+            require(bool(self.model_path), "reward_model.model_path", self.model_path,
                      "a local Hugging Face model directory when reward_model.mode=sequence_classification")
         else:
-            _require(isinstance(self.function, dict) and "_target_" in self.function, "reward_model.function",
+            require(isinstance(self.function, dict) and "_target_" in self.function, "reward_model.function",
                      self.function, "a dict with a `_target_` (a reward function) when reward_model.mode=function")
 
 
@@ -48,8 +48,8 @@ class BatchingConfig:
     max_wait_ms: float = 5.0  # how long a batch waits for more requests before it runs
 
     def __post_init__(self) -> None:
-        _require(self.max_batch_size >= 1, "batching.max_batch_size", self.max_batch_size, ">= 1")
-        _require(self.max_wait_ms >= 0, "batching.max_wait_ms", self.max_wait_ms, ">= 0")
+        require(self.max_batch_size >= 1, "batching.max_batch_size", self.max_batch_size, ">= 1")
+        require(self.max_wait_ms >= 0, "batching.max_wait_ms", self.max_wait_ms, ">= 0")
 
 
 @dataclass
@@ -65,8 +65,8 @@ class RewardServerConfig:
     port: int = 5555
 
     def __post_init__(self) -> None:
-        _require(self.auth_token is None or len(self.auth_token) > 0, "auth_token", self.auth_token,
+        require(self.auth_token is None or len(self.auth_token) > 0, "auth_token", self.auth_token,
                  "null or a non-empty string")
-        _require(self.max_request_items >= 1, "max_request_items", self.max_request_items, ">= 1")
-        _require(self.max_request_bytes >= 1, "max_request_bytes", self.max_request_bytes, ">= 1")
-        _require(1 <= self.port <= 65535, "port", self.port, "in [1, 65535]")
+        require(self.max_request_items >= 1, "max_request_items", self.max_request_items, ">= 1")
+        require(self.max_request_bytes >= 1, "max_request_bytes", self.max_request_bytes, ">= 1")
+        require(1 <= self.port <= 65535, "port", self.port, "in [1, 65535]")

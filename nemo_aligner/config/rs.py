@@ -6,7 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from nemo_aligner.config.generation import LengthParamsConfig, SamplingParamsConfig
 from nemo_aligner.config.schema import (
     DataLoadingConfig,
     ExpManagerConfig,
@@ -14,8 +13,8 @@ from nemo_aligner.config.schema import (
     ModelConfig,
     PretrainedCheckpointConfig,
     TrainerConfig,
-    _require,
 )
+from nemo_aligner.types import LengthParams, SamplingParams, require
 
 
 @dataclass
@@ -28,13 +27,13 @@ class RSConfig:
     top_n_rollouts: int = 1  # best responses kept per prompt for the SFT update
     rollout_micro_batch_size: int = 32  # sequences per generate call on one data-parallel rank
     offload_adam_states: bool = True
-    sampling_params: SamplingParamsConfig = field(default_factory=SamplingParamsConfig)
-    length_params: LengthParamsConfig = field(default_factory=LengthParamsConfig)
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    length_params: LengthParams = field(default_factory=LengthParams)
 
     def __post_init__(self) -> None:
         for key in ("num_rollout_samples", "num_val_samples", "num_rollouts_per_prompt", "rollout_micro_batch_size"):
-            _require(getattr(self, key) >= 1, f"model.rs.{key}", getattr(self, key), ">= 1")
-        _require(1 <= self.top_n_rollouts <= self.num_rollouts_per_prompt, "model.rs.top_n_rollouts", self.top_n_rollouts,
+            require(getattr(self, key) >= 1, f"model.rs.{key}", getattr(self, key), ">= 1")
+        require(1 <= self.top_n_rollouts <= self.num_rollouts_per_prompt, "model.rs.top_n_rollouts", self.top_n_rollouts,
                  f"in [1, num_rollouts_per_prompt={self.num_rollouts_per_prompt}]")
 
 
@@ -103,7 +102,7 @@ class RSLoopConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.rollout_log_samples >= 0, "trainer.rs.rollout_log_samples", self.rollout_log_samples, ">= 0")
+        require(self.rollout_log_samples >= 0, "trainer.rs.rollout_log_samples", self.rollout_log_samples, ">= 0")
 
 
 @dataclass

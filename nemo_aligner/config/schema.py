@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from nemo_aligner.data.length_policy import LengthPolicy
+from nemo_aligner.types import LengthPolicy, require
 
 
 class Precision(enum.Enum):
@@ -19,13 +19,6 @@ class Precision(enum.Enum):
 
     bf16 = "bf16"
     fp32 = "fp32"
-
-
-class EngineName(enum.Enum):
-    """Which engine builds and parallelises the network."""
-
-    torch_native = "torch_native"
-    megatron = "megatron"
 
 
 class OptimizerName(enum.Enum):
@@ -47,9 +40,9 @@ class SchedConfig:
     min_lr: float = 0.0  # the floor the cosine decays to (at trainer max_steps)
 
     def __post_init__(self) -> None:
-        _require(self.warmup_steps >= 0, "model.optim.sched.warmup_steps", self.warmup_steps, ">= 0")
-        _require(self.constant_steps >= 0, "model.optim.sched.constant_steps", self.constant_steps, ">= 0")
-        _require(self.min_lr >= 0, "model.optim.sched.min_lr", self.min_lr, ">= 0")
+        require(self.warmup_steps >= 0, "model.optim.sched.warmup_steps", self.warmup_steps, ">= 0")
+        require(self.constant_steps >= 0, "model.optim.sched.constant_steps", self.constant_steps, ">= 0")
+        require(self.min_lr >= 0, "model.optim.sched.min_lr", self.min_lr, ">= 0")
 
 
 @dataclass
@@ -64,9 +57,9 @@ class OptimConfig:
     sched: SchedConfig = field(default_factory=SchedConfig)
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "model.optim.lr", self.lr, "> 0")
-        _require(self.sched.min_lr <= self.lr, "model.optim.sched.min_lr", self.sched.min_lr, f"<= model.optim.lr ({self.lr})")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "model.optim.betas", self.betas, "two values in [0, 1)")
+        require(self.lr > 0, "model.optim.lr", self.lr, "> 0")
+        require(self.sched.min_lr <= self.lr, "model.optim.sched.min_lr", self.sched.min_lr, f"<= model.optim.lr ({self.lr})")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "model.optim.betas", self.betas, "two values in [0, 1)")
 
 
 @dataclass
@@ -95,16 +88,16 @@ class DataLoadingConfig:
     seed: int = 1234  # shuffling order of the training examples per epoch
 
     def __post_init__(self) -> None:
-        _require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
+        require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
 
 
 @dataclass
 class ModelConfig:
     """The policy network, its parallel layout, batch sizes and optimizer."""
 
-    engine: EngineName = EngineName.torch_native
-    micro_batch_size: int = 1  # sequences per forward/backward on one data-parallel rank
-    global_batch_size: int = 8  # sequences per optimizer step over all ranks
+    engine: str = "torch_native"  # a name in the engine registry (nemo_aligner/engines/registry.py)
+    micro_batch_size: int = 1  # examples per forward/backward on one data-parallel rank (a DPO/SPIN example is a pair)
+    global_batch_size: int = 8  # examples per optimizer step over all ranks
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     encoder_seq_length: int = 4096  # the longest sequence (prompt + response) the model is fed
@@ -115,13 +108,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
                     "pipeline_model_parallel_size", "encoder_seq_length", "log_prob_chunk_size"):
-            _require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), ">= 1")
-        if self.engine is EngineName.torch_native and self.pipeline_model_parallel_size != 1:
-            raise ValueError(
-                "model.pipeline_model_parallel_size="
-                f"{self.pipeline_model_parallel_size} needs model.engine=megatron; the torch_native "
-                "engine supports data and tensor parallelism only (set it to 1)"
-            )
+            require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), ">= 1")
 
 
 @dataclass
@@ -134,7 +121,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10  # a metric line in the log every N steps (the progress bar updates every step)
 
     def __post_init__(self) -> None:
-        _require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, ">= 1")
+        require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, ">= 1")
 
 
 @dataclass
@@ -153,15 +140,15 @@ class LoopConfig:
     gradient_clip_val: float = 1.0  # clip the global grad norm to this; 0 disables
 
     def __post_init__(self) -> None:
-        _require(self.max_epochs >= 1, "trainer.<algorithm>.max_epochs", self.max_epochs, ">= 1")
-        _require(self.max_steps == -1 or self.max_steps >= 1, "trainer.<algorithm>.max_steps", self.max_steps, "-1 or >= 1")
-        _require(self.save_interval >= 1, "trainer.<algorithm>.save_interval", self.save_interval, ">= 1")
-        _require(self.gradient_clip_val >= 0, "trainer.<algorithm>.gradient_clip_val", self.gradient_clip_val, ">= 0")
+        require(self.max_epochs >= 1, "trainer.<algorithm>.max_epochs", self.max_epochs, ">= 1")
+        require(self.max_steps == -1 or self.max_steps >= 1, "trainer.<algorithm>.max_steps", self.max_steps, "-1 or >= 1")
+        require(self.save_interval >= 1, "trainer.<algorithm>.save_interval", self.save_interval, ">= 1")
+        require(self.gradient_clip_val >= 0, "trainer.<algorithm>.gradient_clip_val", self.gradient_clip_val, ">= 0")
         for key in ("val_check_interval", "limit_val_batches"):
             value = getattr(self, key)
             ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
                 isinstance(value, float) and 0 < value <= 1)
-            _require(ok, f"trainer.<algorithm>.{key}", value, "an int >= 1 (steps/batches) or a float in (0, 1] (fraction)")
+            require(ok, f"trainer.<algorithm>.{key}", value, "an int >= 1 (steps/batches) or a float in (0, 1] (fraction)")
 
 
 def resolve_count(value: int | float, total: int) -> int:
@@ -179,8 +166,8 @@ class CheckpointCallbackParams:
     save_nemo_on_train_end: bool = True  # NeMo's name: export a Hugging Face model at the end
 
     def __post_init__(self) -> None:
-        _require(self.save_top_k >= 1, "exp_manager.checkpoint_callback_params.save_top_k", self.save_top_k, ">= 1")
-        _require(self.mode in ("min", "max"), "exp_manager.checkpoint_callback_params.mode", self.mode, "one of [min, max]")
+        require(self.save_top_k >= 1, "exp_manager.checkpoint_callback_params.save_top_k", self.save_top_k, ">= 1")
+        require(self.mode in ("min", "max"), "exp_manager.checkpoint_callback_params.mode", self.mode, "one of [min, max]")
 
 
 @dataclass
@@ -199,8 +186,3 @@ class ExpManagerConfig:
     create_tensorboard_logger: bool = True
     create_wandb_logger: bool = False
     wandb_logger_kwargs: WandbLoggerKwargs = field(default_factory=WandbLoggerKwargs)
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}={value!r} is invalid: it must be {allowed}")

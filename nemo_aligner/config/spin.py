@@ -12,9 +12,8 @@ from nemo_aligner.config.schema import (
     ModelConfig,
     PretrainedCheckpointConfig,
     TrainerConfig,
-    _require,
 )
-from nemo_aligner.config.generation import LengthParamsConfig, SamplingParamsConfig
+from nemo_aligner.types import LengthParams, SamplingParams, require
 
 
 @dataclass
@@ -24,14 +23,14 @@ class SPINConfig:
     ref_policy_kl_penalty: Any = 0.1  # beta: a float, or a list with one value per iteration
     rollout_micro_batch_size: int = 16  # prompts per generate call on one data-parallel rank
     offload_adam_states: bool = True  # move optimizer state to CPU while generating
-    sampling_params: SamplingParamsConfig = field(default_factory=SamplingParamsConfig)
-    length_params: LengthParamsConfig = field(default_factory=LengthParamsConfig)
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    length_params: LengthParams = field(default_factory=LengthParams)
 
     def __post_init__(self) -> None:
         betas = self.ref_policy_kl_penalty if isinstance(self.ref_policy_kl_penalty, (list, tuple)) else [self.ref_policy_kl_penalty]
         ok = len(betas) >= 1 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in betas)
-        _require(ok, "model.spin.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "a number > 0 or a list of them")
-        _require(self.rollout_micro_batch_size >= 1, "model.spin.rollout_micro_batch_size", self.rollout_micro_batch_size, ">= 1")
+        require(ok, "model.spin.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "a number > 0 or a list of them")
+        require(self.rollout_micro_batch_size >= 1, "model.spin.rollout_micro_batch_size", self.rollout_micro_batch_size, ">= 1")
 
 
 @dataclass
@@ -61,7 +60,7 @@ class SPINLoopConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.max_iterations >= 1, "trainer.spin.max_iterations", self.max_iterations, ">= 1")
+        require(self.max_iterations >= 1, "trainer.spin.max_iterations", self.max_iterations, ">= 1")
 
 
 @dataclass

@@ -1,58 +1,63 @@
-"""Build the data loaders an entry script needs from its `model.data` config."""
+"""Build the data loaders an entry script needs from its `model.data` section and plain values."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable
 
+from transformers import PreTrainedTokenizerBase
+
 from nemo_aligner.config.dpo import PreferenceDataConfig
-from nemo_aligner.config.rs import PromptDataConfig
-from nemo_aligner.config.spin import SFTDataConfig
+from nemo_aligner.config.schema import DataLoadingConfig
 from nemo_aligner.data.collate import dpo_custom_collate, sft_collate
 from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.data.preference import PreferenceDataset
 from nemo_aligner.data.prompts import PromptDataset
 from nemo_aligner.data.sampler import GlobalBatchSampler
 from nemo_aligner.data.sft import SFTDataset
-from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.types import DataParallel
 
 
-def _loader(dataset: Any, policy: GPTModel, *, global_batch_size: int, seed: int, shuffle: bool,
+def _loader(dataset: Any, *, global_batch_size: int, data_parallel: DataParallel, seed: int, shuffle: bool,
             collate: Callable[[list[Any]], Any]) -> StepDataLoader:
-    sampler = GlobalBatchSampler(len(dataset), global_batch_size=global_batch_size, dp_rank=policy.dp_rank,
-                                 dp_size=policy.dims.dp, seed=seed, shuffle=shuffle)
+    sampler = GlobalBatchSampler(len(dataset), global_batch_size=global_batch_size, dp_rank=data_parallel.rank,
+                                 dp_size=data_parallel.size, seed=seed, shuffle=shuffle)
     return StepDataLoader(dataset, sampler, collate)
 
 
-def build_preference_loader(path: str, policy: GPTModel, data: PreferenceDataConfig, *, shuffle: bool) -> StepDataLoader:
-    """Preference pairs from `path` (validated whole, up front) in global batches of pairs."""
-    tokenizer = policy.tokenizer
-    dataset = PreferenceDataset(path, tokenizer, max_seq_length=policy.cfg.encoder_seq_length,
-                                length_policy=data.length_policy, default_chosen_reward=data.default_chosen_reward,
+def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: PreferenceDataConfig, *,
+                            max_seq_length: int, global_batch_size: int, data_parallel: DataParallel,
+                            shuffle: bool) -> StepDataLoader:
+    """Preference pairs from `path` (validated whole, up front) in global batches of
+    `global_batch_size` pairs, collated in the pair layout."""
+    dataset = PreferenceDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
+                                default_chosen_reward=data.default_chosen_reward,
                                 default_rejected_reward=data.default_rejected_reward)
     collate = functools.partial(dpo_custom_collate, pad_token_id=tokenizer.pad_token_id,
                                 pad_to_multiple_of=data.pad_to_multiple_of)
-    return _loader(dataset, policy, global_batch_size=policy.cfg.global_batch_size, seed=data.seed, shuffle=shuffle,
-                   collate=collate)
+    return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, seed=data.seed,
+                   shuffle=shuffle, collate=collate)
 
 
-def build_sft_loader(path: str, policy: GPTModel, data: SFTDataConfig, *, response_budget: int,
-                     shuffle: bool) -> StepDataLoader:
-    """SFT examples from `path` (validated whole, up front) in global batches, collated as
-    right-padded prompt + response rows; `response_budget` reserves room for generations."""
-    tokenizer = policy.tokenizer
-    dataset = SFTDataset(path, tokenizer, max_seq_length=policy.cfg.encoder_seq_length,
-                         length_policy=data.length_policy, response_budget=response_budget)
-    collate = functools.partial(sft_collate, pad_token_id=tokenizer.pad_token_id,
-                                pad_to_multiple_of=data.pad_to_multiple_of)
-    return _loader(dataset, policy, global_batch_size=policy.cfg.global_batch_size, seed=data.seed, shuffle=shuffle,
-                   collate=collate)
+def build_sft_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLoadingConfig, *, max_seq_length: int,
+                     global_batch_size: int, data_parallel: DataParallel, response_budget: int, shuffle: bool,
+                     collate: bool) -> StepDataLoader:
+    """SFT examples from `path` (validated whole, up front) in global batches; `response_budget`
+    reserves room for generations. With `collate` a batch is right-padded prompt + response rows,
+    otherwise the examples themselves (a list of {prompt_ids, response_ids}, SPIN's training input)."""
+    dataset = SFTDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
+                         response_budget=response_budget)
+    rows = functools.partial(sft_collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data.pad_to_multiple_of)
+    return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, seed=data.seed,
+                   shuffle=shuffle, collate=rows if collate else list)
 
 
-def build_prompt_loader(path: str, policy: GPTModel, data: PromptDataConfig, *, prompts_per_step: int,
-                        response_budget: int, shuffle: bool) -> StepDataLoader:
+def build_prompt_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLoadingConfig, *, max_seq_length: int,
+                        prompts_per_step: int, data_parallel: DataParallel, response_budget: int,
+                        shuffle: bool) -> StepDataLoader:
     """Prompts from `path` (validated whole, up front), `prompts_per_step` per global batch,
     handed over uncollated (a list of {prompt_ids, prompt_text})."""
-    dataset = PromptDataset(path, policy.tokenizer, max_seq_length=policy.cfg.encoder_seq_length,
-                            length_policy=data.length_policy, response_budget=response_budget)
-    return _loader(dataset, policy, global_batch_size=prompts_per_step, seed=data.seed, shuffle=shuffle, collate=list)
+    dataset = PromptDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
+                            response_budget=response_budget)
+    return _loader(dataset, global_batch_size=prompts_per_step, data_parallel=data_parallel, seed=data.seed,
+                   shuffle=shuffle, collate=list)

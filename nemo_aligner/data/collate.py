@@ -1,11 +1,7 @@
 """Collate examples into batches: preference pairs and SFT examples right-padded for training, prompts
 left-padded for generation.
 
-Pair layout (defined here, used everywhere): a batch of P pairs has 2P rows, interleaved:
-    row 2i     = pair i's prompt + chosen response,
-    row 2i + 1 = pair i's prompt + rejected response.
-So ``x[0::2]`` is every chosen row and ``x[1::2]`` every rejected row, and any contiguous split of
-the batch into an even number of rows (micro-batches, data-parallel shares) keeps each pair whole.
+Preference pairs follow the pair layout of nemo_aligner/types.py (two rows per pair, interleaved).
 """
 
 from __future__ import annotations
@@ -15,13 +11,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from nemo_aligner.types import pair_sides
+
 TokenIds = Sequence[int] | torch.Tensor
 """Token ids: a list of ints or a 1-D integer tensor."""
 
 
 def dpo_custom_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: int,
                        pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Stacks preference pairs into the interleaved pair layout, right-padded.
+    """Stacks preference pairs into the pair layout (nemo_aligner/types.py), right-padded.
 
     Args:
         examples: P pairs, as PreferenceDataset items (or built by SPIN from generations):
@@ -45,9 +43,9 @@ def dpo_custom_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: i
     rows: list[tuple[list[int], int]] = []
     rewards: list[float] = []
     for example in examples:
-        for side in ("chosen", "rejected"):
-            rows.append(_row(example["prompt_ids"], example[f"{side}_ids"], side))
-            rewards.append(float(example[f"{side}_reward"]))
+        for side, response_ids, reward in pair_sides(example):
+            rows.append(_row(example["prompt_ids"], response_ids, side))
+            rewards.append(float(reward))
     batch = _right_padded(rows, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
                           caller="dpo_custom_collate")
     batch["rewards"] = torch.tensor(rewards, dtype=torch.float32)

@@ -6,21 +6,14 @@ example is ever shortened or lost silently.
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+from nemo_aligner.types import LengthPolicy
 from nemo_aligner.utils.distributed import log_rank0
 
 logger = logging.getLogger(__name__)
-
-
-class LengthPolicy(enum.Enum):
-    """How an example whose prompt + longest response exceeds max_seq_length is handled."""
-
-    truncate_prompt_left = "truncate_prompt_left"  # keep the prompt's last tokens (and a leading BOS)
-    drop = "drop"  # leave the example out
 
 
 def fit_prompt(prompt_ids: Sequence[int], response_ids: Sequence[Sequence[int]], *, max_seq_length: int,

@@ -1,77 +1,142 @@
-"""The narrow interface between GPTModel and an engine that builds and runs the network.
+"""The interface between GPTModel and an engine that builds, runs and saves the network.
 
-Batch layout (one place, used everywhere): a batch is a dict of tensors with
-  input_ids       [B, T] int64, prompt + response tokens; right-padded for training,
-                  left-padded prompts for generation;
-  attention_mask  [B, T] int64, 1 on real tokens, 0 on padding;
-  loss_mask       [B, T] float, 1 where token t is a trained target (response tokens), else 0
-plus any algorithm-specific keys (rewards, reference log-probs, ...), which engines pass through.
-Per-token log-probs are aligned to targets: logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1]),
-shape [B, T-1]; the matching mask is loss_mask[:, 1:].
+GPTModel talks to an engine only through `Engine`; it picks one by name from the registry
+(nemo_aligner/engines/registry.py), which calls the engine's `EngineBuilder`. Everything an engine
+needs to know about the model's layout (device mesh or process groups, the HF config, the
+tokenizer, checks that the layout fits the model) is built inside the engine package.
+
+Contracts every engine honours, also one that pipelines the network over stages:
+- Batches and log-probs follow nemo_aligner/types.py. A loss function receives the per-token
+  log-probs [B, T-1] fp32 of one micro-batch and the micro-batch itself, and returns its *share of
+  the global mean* (already divided by a count summed over data-parallel ranks) and metric sums in
+  the same sense. The engine backpropagates that loss as given: summing it over micro-batches and
+  data-parallel ranks must give the global mean's gradient. An engine whose schedule divides by
+  the number of micro-batches, or whose data-parallel reduction averages, multiplies that back.
+- Under pipeline parallelism only the last stage holds log-probs and calls the loss function; the
+  metric sums `forward_backward` returns, and the log-probs `logprobs` returns, are broadcast to
+  every rank of the model-parallel group, so every rank returns the same values.
+- `forward_backward` returns this rank's sums over its micro-batches: `loss`, every metric of the
+  loss function, and `num_tokens` (real tokens processed). Reducing them over data-parallel ranks
+  is the caller's (`reduce_data_parallel`), identical on every engine.
+- `forward_only=True` computes no gradients and leaves parameters, gradients and optimizer state
+  as they were; afterwards the sharded (or otherwise canonical) weights are again the only live
+  copy, so host copies and checkpoints read and write the weights the optimizer updates.
+- Host weights (`allocate_host_weights`, `copy_weights_to_host`, `copy_weights_from_host`) are
+  this rank's local pieces of every distinct parameter, by name; they carry the reference policy
+  (nemo_aligner/reference/) and survive any number of round trips bit for bit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 
-Batch = Mapping[str, torch.Tensor]
+from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
 
-# loss_fn(logprobs [B, T-1] fp32, micro_batch) -> (loss, metrics). The loss is this micro-batch's
-# share of the *global* loss (already divided by the global normaliser), so summing over micro-
-# batches and data-parallel ranks gives the global mean. Metrics are sums in the same sense.
-LossFn = Callable[[torch.Tensor, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
+    from nemo_aligner.config.schema import ModelConfig, OptimConfig, PretrainedCheckpointConfig, TrainerConfig
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen (NeMo-Aligner's sampling_params names)."""
-
-    use_greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0 disables top-k
-    top_p: float = 1.0  # 1.0 disables nucleus sampling
-
-
-@dataclass(frozen=True)
-class LengthParams:
-    """How many tokens are generated (NeMo-Aligner's length_params names)."""
-
-    max_length: int = 64  # new tokens at most
-    min_length: int = 0  # EOS is suppressed before this many new tokens
-
-
-@dataclass
-class Generations:
-    """Output of generate: prompts followed by responses, left-padded prompts kept as given.
-
-    tokens [B, P+N]; response_lengths [B] (new tokens up to and including EOS);
-    prompt_lengths [B] (real prompt tokens, without left padding).
-    """
-
-    tokens: torch.Tensor
-    prompt_lengths: torch.Tensor
-    response_lengths: torch.Tensor
+ReduceOp = Literal["sum", "max"]
 
 
 class Engine(Protocol):
     """What GPTModel needs from an engine; algorithms never see it."""
 
-    module: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    data_parallel: DataParallel
+    # The ranks that hold the same data-parallel share (tensor x pipeline); None for a world of one.
+    # Work done once per share (e.g. a call to a reward server) runs on its first rank and is broadcast.
+    model_parallel_group: dist.ProcessGroup | None
 
-    def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn, *, forward_only: bool) -> dict[str, torch.Tensor]: ...
+    def describe(self) -> str:
+        """One line for the log: architecture, parameter count, layout, precision."""
+        ...
 
-    def logprobs(self, batch: Batch) -> torch.Tensor: ...
+    def num_parameters(self) -> int:
+        """Elements of the whole model's distinct parameters (not this rank's shard)."""
+        ...
 
-    def optimizer_step(self) -> tuple[float, float]: ...
+    # ------------------------------------------------------------------ training
+    def setup_optimizer(self, cfg: OptimConfig, *, max_steps: int) -> None:
+        """Build the optimizer and the LR schedule; `max_steps` optimizer steps is the decay horizon."""
+        ...
 
+    def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn, *,
+                         forward_only: bool) -> dict[str, torch.Tensor]:
+        """Run `loss_fn` on every micro-batch's log-probs, accumulating gradients unless forward_only."""
+        ...
+
+    def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        """Per-token log-probs [rows, T-1] of the micro-batches, concatenated, without gradients."""
+        ...
+
+    def optimizer_step(self, max_grad_norm: float) -> tuple[float, float]:
+        """Clip to `max_grad_norm` (0 disables) by the global norm, step, advance the schedule, zero
+        the gradients; returns (grad_norm, lr used). A non-finite norm raises FloatingPointError
+        without changing any weight."""
+        ...
+
+    def reduce_data_parallel(self, tensor: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        """`tensor` (a copy, on this engine's device) reduced over the data-parallel ranks."""
+        ...
+
+    # ---------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
-                 length: LengthParams) -> Generations: ...
+                 length: LengthParams) -> Generations:
+        """Continue left-padded prompts [B, P]; every data-parallel rank must call it as often."""
+        ...
 
-    def save(self, path: str) -> None: ...
+    def offload_optimizer_state(self) -> None:
+        """Move optimizer state to host memory, freeing device memory (no-op if already there)."""
+        ...
 
-    def load(self, path: str) -> None: ...
+    def onload_optimizer_state(self) -> None:
+        """Restore what offload_optimizer_state moved, bit for bit."""
+        ...
 
-    def export_hf(self, path: str) -> None: ...
+    # --------------------------------------------------------------- host weights
+    def allocate_host_weights(self) -> dict[str, torch.Tensor]:
+        """Host buffers (pinned where CUDA exists) shaped like this rank's local weights, by name."""
+        ...
+
+    def copy_weights_to_host(self, host: dict[str, torch.Tensor]) -> None:
+        """Copy the live weights into `host` (from allocate_host_weights)."""
+        ...
+
+    def copy_weights_from_host(self, host: dict[str, torch.Tensor]) -> None:
+        """Make `host` the live weights; names and shapes are checked before any weight changes."""
+        ...
+
+    # --------------------------------------------------------------- checkpoints
+    def save(self, path: str) -> None:
+        """Collectively write weights and optimizer state, loadable into any layout."""
+        ...
+
+    def load(self, path: str, *, with_optimizer: bool) -> None:
+        """Read what save (or save_weights, with_optimizer=False) wrote, into this layout."""
+        ...
+
+    def save_weights(self, path: str) -> None:
+        """Collectively write the weights only."""
+        ...
+
+    def export_hf(self, path: str) -> None:
+        """Write a Hugging Face model directory (weights in the training compute dtype, config,
+        tokenizer) that transformers loads as is; atomically, so no half-written one looks valid."""
+        ...
+
+    def state_dict(self) -> dict[str, object]:
+        """Training state that is not weights (LR schedule, generation counter), rank 0's copy."""
+        ...
+
+    def load_state_dict(self, state: dict[str, object]) -> None: ...
+
+
+EngineBuilder = Callable[["ModelConfig", "PretrainedCheckpointConfig", "TrainerConfig"], Engine]
+"""Builds an engine from the model, pretrained-checkpoint and trainer config sections; it checks
+that the layout fits the model (world size, parallel sizes) before building anything large."""

@@ -1,4 +1,5 @@
-"""Reward-model HTTP server and its client, for rejection sampling.
+"""Rewards for rejection sampling: the reward-model HTTP server, its client, and the reward sources
+the trainer calls (an in-process function or the server; nemo_aligner/servers/rewards.py).
 
 The client side (`RemoteRewardClient`, `RewardServerError`, `score_on_rank0_and_broadcast`) is
 imported eagerly; the server side (`build_app`, `build_scorer`, `serve`) on first use, so a trainer

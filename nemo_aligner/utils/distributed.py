@@ -6,30 +6,11 @@ import datetime
 import logging
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """The (dp, tp) layout of the job; dp is derived from the world size."""
-
-    dp: int
-    tp: int
-
-    @classmethod
-    def from_world(cls, world_size: int, tp: int) -> "ParallelDims":
-        if world_size % tp != 0:
-            raise ValueError(
-                f"model.tensor_model_parallel_size={tp} does not divide the world size {world_size} "
-                "(trainer.devices x trainer.num_nodes processes); choose a divisor of it"
-            )
-        return cls(dp=world_size // tp, tp=tp)
 
 
 def init_distributed(timeout_minutes: int = 30) -> torch.device:
@@ -59,11 +40,13 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:
-    """A 2-D (dp, tp) device mesh; tp is the inner (fastest varying) dimension."""
-    mesh = init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
-    log_rank0(logger, "device mesh: dp=%d tp=%d on %s", dims.dp, dims.tp, device.type)
-    return mesh
+def check_world_size(devices: int, num_nodes: int, world_size: int) -> None:
+    """trainer.devices x trainer.num_nodes must be the number of processes the launcher started."""
+    if devices * num_nodes != world_size:
+        raise ValueError(
+            f"trainer.devices ({devices}) x trainer.num_nodes ({num_nodes}) = {devices * num_nodes}, but "
+            f"{world_size} processes were launched; set them to match torchrun --nproc_per_node / --nnodes"
+        )
 
 
 def is_rank0() -> bool:

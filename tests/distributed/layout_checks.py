@@ -23,23 +23,24 @@ import os
 import torch
 import torch.distributed as dist
 
-from nemo_aligner.algorithms.spin import split_prompts_and_responses
 from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
-from nemo_aligner.config.generation import LengthParamsConfig, SamplingParamsConfig
-from nemo_aligner.config.spin import (SFTDataConfig, SFTFileConfig, SPINConfig,
-                                      SPINModelConfig)
-from nemo_aligner.data.collate import dpo_custom_collate
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
+from nemo_aligner.config.spin import SFTDataConfig, SFTFileConfig, SPINConfig, SPINModelConfig
 from nemo_aligner.data.builders import build_preference_loader, build_sft_loader
-from nemo_aligner.engines.base import LengthParams, SamplingParams
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
+from nemo_aligner.types import LengthParams, SamplingParams
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 14, 4, 2
+
+
+def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict:
+    return dict(tokenizer=policy.tokenizer, data=cfg.data, max_seq_length=cfg.encoder_seq_length,
+                global_batch_size=cfg.global_batch_size, data_parallel=policy.data_parallel)
 
 
 def build(model_dir: str, tp: int, precision: Precision) -> GPTModel:
@@ -73,7 +74,7 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     policy.setup_optimizer(max_steps=steps)
-    loader = build_preference_loader(data, policy, cfg.data, shuffle=True)
+    loader = build_preference_loader(data, shuffle=True, **loader_args(policy, cfg))
     records = []
     for _ in range(steps):
         metrics = policy.loss_and_metrics(loader.next_batch()[0], forward_only=False)
@@ -88,29 +89,26 @@ def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: 
     cfg = SPINModelConfig(micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
                           encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
                           spin=SPINConfig(ref_policy_kl_penalty=0.4, rollout_micro_batch_size=1,
-                                          sampling_params=SamplingParamsConfig(use_greedy=True),
-                                          length_params=LengthParamsConfig(max_length=4)),
+                                          sampling_params=SamplingParams(use_greedy=True),
+                                          length_params=LengthParams(max_length=4)),
                           data=SFTDataConfig(train_ds=SFTFileConfig(data), validation_ds=SFTFileConfig(data)))
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     policy = GPTSPINModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     policy.setup_optimizer(max_steps=steps)
-    loader = build_sft_loader(data, policy, cfg.data, response_budget=4, shuffle=True)
-    collate = functools.partial(dpo_custom_collate, pad_token_id=policy.tokenizer.pad_token_id, pad_to_multiple_of=8)
+    loader = build_sft_loader(data, response_budget=4, shuffle=True, collate=False, **loader_args(policy, cfg))
     records = []
     for _ in range(steps):
-        prompts, actual = split_prompts_and_responses(loader.next_batch()[0])
-        generated = policy.generate_rejected(prompts)
-        pairs = collate([{"prompt_ids": p, "chosen_ids": a, "rejected_ids": g, "chosen_reward": 1.0, "rejected_reward": 0.0}
-                         for p, a, g in zip(prompts, actual, generated)])
-        metrics = policy.loss_and_metrics(pairs)
+        examples = loader.next_batch()[0]
+        prompts, actual = [ex["prompt_ids"] for ex in examples], [ex["response_ids"] for ex in examples]
+        metrics = policy.loss_and_metrics(policy.pair_batch(prompts, actual, policy.generate_rejected(prompts)))
         grad_norm, _ = policy.optimizer_step(1.0)
         records.append({**metrics, "grad_norm": grad_norm})
     return records
 
 
 def local_slice(model: GPTModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = model.local_batch_size
-    return {k: v[model.dp_rank * n : (model.dp_rank + 1) * n] for k, v in batch.items()}
+    n, rank = model.local_batch_size, model.data_parallel.rank
+    return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
 
 
 def run_steps(model: GPTModel, start: int, stop: int) -> list[list[float]]:

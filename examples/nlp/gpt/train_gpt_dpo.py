@@ -10,23 +10,30 @@ With no arguments it aligns the embedded tiny model (examples/tiny) on CPU.
 
 from __future__ import annotations
 
+import functools
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.dpo import DPOTrainer
 from nemo_aligner.config.dpo import DPOJobConfig
-from nemo_aligner.config.loader import instantiate_target, load_config, save_config
+from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.data.builders import build_preference_loader
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
+from nemo_aligner.utils.log_dir import save_config
 from nemo_aligner.utils.task_eval import report_task_eval
+
 
 @hydra.main(config_path="conf", config_name="gpt_dpo", version_base=None)
 def main(raw: DictConfig) -> None:
     cfg = load_config(DPOJobConfig, raw)
     policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     data = cfg.model.data
-    train = build_preference_loader(data.data_prefix.train, policy, data, shuffle=True)
-    val = build_preference_loader(data.data_prefix.validation, policy, data, shuffle=False)
+    loader = functools.partial(build_preference_loader, tokenizer=policy.tokenizer, data=data,
+                               max_seq_length=cfg.model.encoder_seq_length, global_batch_size=cfg.model.global_batch_size,
+                               data_parallel=policy.data_parallel)
+    train = loader(data.data_prefix.train, shuffle=True)
+    val = loader(data.data_prefix.validation, shuffle=False)
     task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
     save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
     if task_eval:

@@ -12,28 +12,32 @@ With no arguments it runs on the embedded tiny model with the task's exact-match
 
 from __future__ import annotations
 
+import functools
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.rs import RSTrainer
-from nemo_aligner.config.loader import instantiate_target, load_config, save_config
+from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.config.rs import RSJobConfig
 from nemo_aligner.data.builders import build_prompt_loader
 from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
+from nemo_aligner.servers.rewards import build_reward
+from nemo_aligner.utils.log_dir import save_config
 from nemo_aligner.utils.task_eval import report_task_eval
-from nemo_aligner.utils.rewards import build_reward
+
 
 @hydra.main(config_path="conf", config_name="gpt_rs_actor", version_base=None)
 def main(raw: DictConfig) -> None:
     cfg = load_config(RSJobConfig, raw)
     policy = GPTRSActor(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     rs, data = cfg.model.rs, cfg.model.data
-    budget = rs.length_params.max_length
-    train = build_prompt_loader(data.data_prefix.train, policy, data, prompts_per_step=rs.num_rollout_samples,
-                                response_budget=budget, shuffle=True)
-    val = build_prompt_loader(data.data_prefix.validation, policy, data, prompts_per_step=rs.num_val_samples,
-                              response_budget=budget, shuffle=False)
-    reward = build_reward(cfg.reward, cfg.remote_rm, policy.engine.tp_group)
+    loader = functools.partial(build_prompt_loader, tokenizer=policy.tokenizer, data=data,
+                               max_seq_length=cfg.model.encoder_seq_length, data_parallel=policy.data_parallel,
+                               response_budget=rs.length_params.max_length)
+    train = loader(data.data_prefix.train, prompts_per_step=rs.num_rollout_samples, shuffle=True)
+    val = loader(data.data_prefix.validation, prompts_per_step=rs.num_val_samples, shuffle=False)
+    reward = build_reward(cfg.reward, cfg.remote_rm, policy.model_parallel_group)
     task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
     save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
     if task_eval:

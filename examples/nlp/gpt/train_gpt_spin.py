@@ -10,23 +10,32 @@ With no arguments it runs on the embedded tiny model (examples/tiny) on CPU.
 
 from __future__ import annotations
 
+import functools
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.algorithms.spin import SPINTrainer
-from nemo_aligner.config.loader import instantiate_target, load_config, save_config
+from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.config.spin import SPINJobConfig
 from nemo_aligner.data.builders import build_sft_loader
 from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
+from nemo_aligner.utils.log_dir import save_config
 from nemo_aligner.utils.task_eval import report_task_eval
+
 
 @hydra.main(config_path="conf", config_name="gpt_spin", version_base=None)
 def main(raw: DictConfig) -> None:
     cfg = load_config(SPINJobConfig, raw)
     policy = GPTSPINModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
-    data, budget = cfg.model.data, cfg.model.spin.length_params.max_length
-    train = build_sft_loader(data.train_ds.file_path, policy, data, response_budget=budget, shuffle=True)
-    val = build_sft_loader(data.validation_ds.file_path, policy, data, response_budget=0, shuffle=False)
+    data = cfg.model.data
+    loader = functools.partial(build_sft_loader, tokenizer=policy.tokenizer, data=data,
+                               max_seq_length=cfg.model.encoder_seq_length, global_batch_size=cfg.model.global_batch_size,
+                               data_parallel=policy.data_parallel)
+    # training: the examples themselves (SPIN generates for their prompts); validation: collated SFT rows
+    train = loader(data.train_ds.file_path, response_budget=cfg.model.spin.length_params.max_length, shuffle=True,
+                   collate=False)
+    val = loader(data.validation_ds.file_path, response_budget=0, shuffle=False, collate=True)
     task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
     save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
 
@@ -38,7 +47,7 @@ def main(raw: DictConfig) -> None:
     trainer = SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
                           log_every_n_steps=cfg.trainer.log_every_n_steps,
                           config_dict=OmegaConf.to_container(raw, resolve=True),
-                          iteration_callback=report if task_eval else None, pad_to_multiple_of=data.pad_to_multiple_of)
+                          iteration_callback=report if task_eval else None)
     trainer.fit()
 
 

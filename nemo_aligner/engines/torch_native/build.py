@@ -19,10 +19,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 logger = logging.getLogger(__name__)
 
-# Families whose decoder layers use q/k/v/o and gate/up/down projections (tensor_parallel.py's plan).
-TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-
-
 def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] | None) -> PretrainedConfig:
     """The model's HF config, from `restore_from_path/config.json` or from a dict with `model_type`."""
     if restore_from_path is not None:
@@ -33,25 +29,6 @@ def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] |
     if "model_type" not in kwargs:
         raise ValueError("pretrained_checkpoint.model_config needs a 'model_type' key (e.g. llama, qwen2)")
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-
-
-def check_tensor_parallel(config: PretrainedConfig, tp: int) -> None:
-    """Fail early, saying what to change, if `tp` cannot split this model's heads or family."""
-    if tp == 1:
-        return
-    if config.model_type not in TP_FAMILIES:
-        raise ValueError(
-            f"model.tensor_model_parallel_size={tp} is not supported for model_type "
-            f"'{config.model_type}'; tensor parallelism supports {list(TP_FAMILIES)} (use 1)"
-        )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if heads % tp or kv_heads % tp:
-        divisors = [d for d in range(1, heads + 1) if heads % d == 0 and kv_heads % d == 0]
-        raise ValueError(
-            f"model.tensor_model_parallel_size={tp} must divide num_attention_heads={heads} and "
-            f"num_key_value_heads={kv_heads}; valid sizes for this model: {divisors}"
-        )
 
 
 def build_meta_model(config: PretrainedConfig) -> nn.Module:

@@ -1,4 +1,7 @@
-"""The torch_native engine: an HF causal LM under FSDP2 + DTensor TP, with its optimizer."""
+"""The torch_native engine: an HF causal LM under FSDP2 + DTensor TP, with its optimizer.
+
+`build_torch_native_engine` is its entry in the engine registry (nemo_aligner/engines/registry.py).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +9,25 @@ import logging
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from nemo_aligner.config.schema import OptimConfig
-from nemo_aligner.engines.base import Batch, Generations, LengthParams, LossFn, SamplingParams
-from nemo_aligner.engines.torch_native import checkpoint
-from nemo_aligner.engines.torch_native.build import build_meta_model, full_state_dict_on_rank0
-from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding
+from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
+from nemo_aligner.engines.base import ReduceOp
+from nemo_aligner.engines.torch_native import checkpoint, weights
+from nemo_aligner.engines.torch_native.build import build_meta_model, full_state_dict_on_rank0, load_hf_config, load_tokenizer
+from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import generate
-from nemo_aligner.engines.torch_native.optim import build_optimizer, build_scheduler, global_grad_norm, scale_grads_
+from nemo_aligner.engines.torch_native.layout import ParallelDims, build_mesh, check_tensor_parallel
+from nemo_aligner.engines.torch_native.optim import build_optimizer, global_grad_norm, scale_grads_
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
+from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
+from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed
 from nemo_aligner.utils.logprobs import logprobs_from_logits
-from nemo_aligner.utils.ref_policy import reshard_fsdp
+from nemo_aligner.utils.lr_schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ class TorchNativeEngine:
         self.tp_group = mesh["tp"].get_group()
         self.dp_size, self.dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
         self.tp_size, self.tp_rank = mesh["tp"].size(), mesh["tp"].get_local_rank()
+        self.data_parallel = DataParallel(rank=self.dp_rank, size=self.dp_size)
+        self.model_parallel_group = self.tp_group
         self.module: nn.Module = build_meta_model(hf_config)
         self.architecture = type(self.module).__name__
         parallelize(self.module, mesh, param_dtype=param_dtype)
@@ -66,6 +75,13 @@ class TorchNativeEngine:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.generation_calls = 0
         self._offloaded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def describe(self) -> str:
+        return (f"{self.architecture}: {self.num_parameters() / 1e6:.1f}M parameters, dp={self.dp_size} "
+                f"tp={self.tp_size}, compute in {str(self.param_dtype).removeprefix('torch.')}")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())  # DTensor numel is the global size
 
     # ----------------------------------------------------------------- training
     def setup_optimizer(self, cfg: OptimConfig, *, max_steps: int) -> None:
@@ -95,11 +111,15 @@ class TorchNativeEngine:
         return totals
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch) -> torch.Tensor:
-        """Per-token log-probs [B, T-1] of `batch` (one micro-batch), without gradients."""
-        logprobs = self._logprobs(batch)
+    def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        """Per-token log-probs [rows, T-1] of the micro-batches, concatenated, without gradients."""
+        logprobs = [self._logprobs(mb) for mb in micro_batches]
         reshard_fsdp(self.module)  # keep the sharded weights the only live copy (see reshard_fsdp)
-        return logprobs
+        return torch.cat(logprobs)
+
+    def reduce_data_parallel(self, tensor: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        reduce = all_reduce_sum if op == "sum" else all_reduce_max
+        return reduce(tensor.detach().clone().to(self.device), self.dp_group)
 
     def optimizer_step(self, max_grad_norm: float) -> tuple[float, float]:
         """Clip to `max_grad_norm` (0 disables), step, advance the schedule; returns (grad_norm, lr)."""
@@ -170,20 +190,30 @@ class TorchNativeEngine:
             local.copy_(host)
         self._offloaded = []
 
+    # ------------------------------------------------------------- host weights
+    def allocate_host_weights(self) -> dict[str, torch.Tensor]:
+        return weights.allocate_host_weights(self.module)
+
+    def copy_weights_to_host(self, host: dict[str, torch.Tensor]) -> None:
+        weights.copy_weights_to_host(self.module, host)
+
+    def copy_weights_from_host(self, host: dict[str, torch.Tensor]) -> None:
+        weights.copy_weights_from_host(self.module, host)
+
     # -------------------------------------------------------------- checkpoints
     def save(self, path: str) -> None:
         if self.optimizer is None:
             raise RuntimeError("setup_optimizer() must be called before save()")
         checkpoint.save_sharded(self.module, self.optimizer, path)
 
-    def load(self, path: str, *, with_optimizer: bool = True) -> None:
+    def load(self, path: str, *, with_optimizer: bool) -> None:
         checkpoint.load_sharded(self.module, self.optimizer if with_optimizer else None, path)
 
     def save_weights(self, path: str) -> None:
         checkpoint.save_weights(self.module, path)
 
-    def export_hf(self, path: str, dtype: torch.dtype = torch.float32) -> None:
-        checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=dtype)
+    def export_hf(self, path: str) -> None:
+        checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=self.param_dtype)
 
     def state_dict(self) -> dict[str, object]:
         """Engine-level training state that is not weights: scheduler and generation counter."""
@@ -194,6 +224,27 @@ class TorchNativeEngine:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])  # type: ignore[arg-type]
         self.generation_calls = int(state["generation_calls"])  # type: ignore[arg-type]
+
+
+def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpointConfig,
+                              trainer: TrainerConfig) -> TorchNativeEngine:
+    """Check the layout against the launch and the model, then build the engine (the registry's
+    `torch_native`): FSDP2 over dp, DTensor tensor parallel over tp, bf16 or fp32 compute."""
+    device = init_distributed()
+    check_world_size(trainer.devices, trainer.num_nodes, dist.get_world_size())
+    hf_config = load_hf_config(pretrained.restore_from_path, pretrained.model_config)
+    check_tensor_parallel(hf_config, model.tensor_model_parallel_size)
+    dims = ParallelDims.from_world(dist.get_world_size(), model.tensor_model_parallel_size,
+                                   model.pipeline_model_parallel_size)
+    tokenizer_path = pretrained.tokenizer_path or pretrained.restore_from_path
+    if tokenizer_path is None:
+        raise ValueError("pretrained_checkpoint.tokenizer_path must be set when the model is built from model_config")
+    return TorchNativeEngine(
+        hf_config=hf_config, tokenizer=load_tokenizer(tokenizer_path), mesh=build_mesh(dims, device), device=device,
+        restore_from_path=pretrained.restore_from_path,
+        param_dtype=torch.bfloat16 if trainer.precision is Precision.bf16 else torch.float32, seed=model.seed,
+        log_prob_chunk_size=model.log_prob_chunk_size,
+    )
 
 
 def _check_right_padded(attention_mask: torch.Tensor) -> None:

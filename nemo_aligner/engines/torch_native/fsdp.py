@@ -54,6 +54,16 @@ def gathered_for_decoding(model: nn.Module) -> Iterator[None]:
     finally:
         model.set_reshard_after_forward(True)
         model.set_reshard_after_forward(False, recurse=False)
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        reshard_fsdp(model)
+
+
+def reshard_fsdp(module: nn.Module) -> None:
+    """Put every FSDP2 unit back in its sharded state.
+
+    After a no-grad forward FSDP2 keeps the root's parameters gathered, and `named_parameters`
+    then yields the gathered copies; reading or writing those would miss the sharded weights
+    that the optimizer and checkpoints use.
+    """
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from nemo_aligner.engines.base import Generations, LengthParams, SamplingParams
+from nemo_aligner.types import Generations, LengthParams, SamplingParams
 
 
 def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,16 +1,14 @@
-"""AdamW, the warm-up / constant / cosine LR schedule, and clipping by the true global grad norm."""
+"""AdamW, and clipping by the true global grad norm over parameters on several meshes."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.optim.lr_scheduler import LambdaLR
 
-from nemo_aligner.config.schema import OptimConfig, SchedConfig, SchedulerName
+from nemo_aligner.config.schema import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool) -> torch.optim.AdamW:
@@ -21,26 +19,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool) -> torch
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
-
-
-def lr_at(step: int, *, lr: float, sched: SchedConfig, max_steps: int) -> float:
-    """The learning rate for optimizer step `step` (0-based).
-
-    Linear warm-up from lr/warmup_steps to lr, `constant_steps` at lr, then (CosineAnnealing) a
-    cosine from lr to min_lr reached at `max_steps`, held after it. Constant stays at lr.
-    """
-    if step < sched.warmup_steps:
-        return lr * (step + 1) / sched.warmup_steps
-    if sched.name is SchedulerName.Constant:
-        return lr
-    decay_start = sched.warmup_steps + sched.constant_steps
-    decay_steps = max(1, max_steps - decay_start)
-    progress = min(1.0, max(0, step - decay_start) / decay_steps)
-    return sched.min_lr + (lr - sched.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, max_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: lr_at(step, lr=cfg.lr, sched=cfg.sched, max_steps=max_steps) / cfg.lr)
 
 
 @torch.no_grad()

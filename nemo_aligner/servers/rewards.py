@@ -35,7 +35,7 @@ class FunctionReward:
 
 
 class RemoteReward:
-    """The reward server; one rank of each tensor-parallel group sends, the others get a broadcast."""
+    """The reward server; one rank of each model-parallel group sends, the others get a broadcast."""
 
     def __init__(self, client: RemoteRewardClient, group: dist.ProcessGroup | None) -> None:
         self.client, self.group = client, group
@@ -56,8 +56,10 @@ def checked_rewards(reward: Reward, prompts: Sequence[str], responses: Sequence[
     return scores
 
 
-def build_reward(reward: RewardConfig, remote_rm: RemoteRMConfig, tp_group: dist.ProcessGroup | None) -> Reward:
-    """The configured reward source; a remote one is checked for health first (with retries)."""
+def build_reward(reward: RewardConfig, remote_rm: RemoteRMConfig, group: dist.ProcessGroup | None) -> Reward:
+    """The configured reward source; a remote one is checked for health first (with retries) and
+    called by the first rank of `group` (the ranks that share a data-parallel share, see
+    GPTModel.model_parallel_group), which broadcasts the scores to the others."""
     if reward.source is RewardSource.function:
         if reward.function is None:
             raise ValueError("reward.source=function needs reward.function (a Hydra _target_ with _partial_: true)")
@@ -66,4 +68,4 @@ def build_reward(reward: RewardConfig, remote_rm: RemoteRMConfig, tp_group: dist
     client = RemoteRewardClient(endpoint.ip, endpoint.port, timeout_s=remote_rm.timeout_s, max_retries=remote_rm.max_retries,
                                 backoff_s=remote_rm.backoff_s, auth_token=remote_rm.auth_token)
     client.wait_until_healthy(remote_rm.timeout_s)
-    return RemoteReward(client, tp_group)
+    return RemoteReward(client, group)

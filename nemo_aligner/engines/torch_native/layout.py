@@ -1,0 +1,65 @@
+"""The (dp, tp) layout of the torch_native engine: checks that it fits the model, and its device mesh."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from transformers import PretrainedConfig
+
+from nemo_aligner.utils.distributed import log_rank0
+
+logger = logging.getLogger(__name__)
+
+# Families whose decoder layers use q/k/v/o and gate/up/down projections (tensor_parallel.py's plan).
+TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The (dp, tp) layout of the job; dp is derived from the world size."""
+
+    dp: int
+    tp: int
+
+    @classmethod
+    def from_world(cls, world_size: int, tp: int, pp: int) -> "ParallelDims":
+        if pp != 1:
+            raise ValueError(
+                f"model.pipeline_model_parallel_size={pp} needs model.engine=megatron; the torch_native "
+                "engine supports data and tensor parallelism only (set it to 1)"
+            )
+        if world_size % tp != 0:
+            raise ValueError(
+                f"model.tensor_model_parallel_size={tp} does not divide the world size {world_size} "
+                "(trainer.devices x trainer.num_nodes processes); choose a divisor of it"
+            )
+        return cls(dp=world_size // tp, tp=tp)
+
+
+def check_tensor_parallel(config: PretrainedConfig, tp: int) -> None:
+    """Fail early, saying what to change, if `tp` cannot split this model's heads or family."""
+    if tp == 1:
+        return
+    if config.model_type not in TP_FAMILIES:
+        raise ValueError(
+            f"model.tensor_model_parallel_size={tp} is not supported for model_type "
+            f"'{config.model_type}'; tensor parallelism supports {list(TP_FAMILIES)} (use 1)"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0 and kv_heads % d == 0]
+        raise ValueError(
+            f"model.tensor_model_parallel_size={tp} must divide num_attention_heads={heads} and "
+            f"num_key_value_heads={kv_heads}; valid sizes for this model: {divisors}"
+        )
+
+
+def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:
+    """A 2-D (dp, tp) device mesh; tp is the inner (fastest varying) dimension."""
+    mesh = init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+    log_rank0(logger, "device mesh: dp=%d tp=%d on %s", dims.dp, dims.tp, device.type)
+    return mesh

@@ -1,0 +1,50 @@
+"""The DPO objective of one micro-batch: a preference loss plus an SFT term on the chosen responses."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_aligner.losses.preference import PreferenceLoss, preference_pairs
+from nemo_aligner.losses.reward_metrics import finalize_reward_metrics, reward_moments
+from nemo_aligner.losses.sequence import sequence_nll
+from nemo_aligner.types import Batch, chosen_rows, rejected_rows
+
+
+def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, preference_loss: PreferenceLoss, beta: float,
+                preference_weight: float, sft_weight: float, average_log_probs: bool, sft_average_log_probs: bool,
+                gt_reward_scale: float, global_pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of preference_weight · L_pref + sft_weight · L_sft.
+
+    Args:
+        logprobs: [2P, T-1] policy log-probs of pair-layout rows.
+        batch: loss_mask [2P, T], ref_logprobs [2P, T-1], rewards [2P].
+        preference_loss: a registered loss with its own hyper-parameters bound (bind_preference_loss).
+        beta: β, the KL coefficient; rewards are reported as β·R (the implicit DPO reward).
+        preference_weight, sft_weight: the two terms' weights.
+        average_log_probs: R as a per-token mean instead of a sum.
+        sft_average_log_probs: the SFT NLL as a per-token mean instead of a sum.
+        gt_reward_scale: scales the data's reward margin (the rpo_* losses' target).
+        global_pairs: pairs in the global batch; every value is a sum over this micro-batch's pairs
+            divided by it, so sums over micro-batches and ranks are global means.
+    """
+    mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
+    rewards = batch["rewards"]
+    gt_margin = gt_reward_scale * (chosen_rows(rewards) - rejected_rows(rewards)).to(logprobs.dtype)
+    pairs = preference_pairs(logprobs, batch["ref_logprobs"], mask, average_log_probs=average_log_probs,
+                             gt_margin=gt_margin)
+    preference = preference_loss(pairs, beta=beta)
+    sft = sequence_nll(chosen_rows(logprobs), chosen_rows(mask), average=sft_average_log_probs)
+    loss = (preference_weight * preference + sft_weight * sft).sum() / global_pairs
+    metrics = {
+        "preference_loss": preference.sum() / global_pairs,
+        "sft_loss": sft.sum() / global_pairs,
+        "acc": (pairs.chosen_logratios > pairs.rejected_logratios).float().sum() / global_pairs,
+        **reward_moments(beta * pairs.chosen_logratios, beta * pairs.rejected_logratios, global_pairs,
+                         first_name="chosen", second_name="rejected"),
+    }
+    return loss, metrics
+
+
+def finalize_dpo_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Globally reduced sums -> reported floats (adds the reward margin and std)."""
+    return finalize_reward_metrics(sums, margin_of=("chosen", "rejected"))

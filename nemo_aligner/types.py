@@ -1,0 +1,117 @@
+"""Shared types at the bottom of the library: batches, loss functions, generation settings and
+results, the over-length policy, the data-parallel position, and the preference-pair row layout.
+
+Everything else imports from here; this module imports nothing of the library.
+
+Batch layout: a batch is a dict of tensors with
+  input_ids       [B, T] int64, prompt + response tokens; right-padded for training,
+                  left-padded prompts for generation;
+  attention_mask  [B, T] int64, 1 on real tokens, 0 on padding;
+  loss_mask       [B, T] float, 1 where token t is a trained target (response tokens), else 0
+plus algorithm-specific keys (rewards, reference log-probs, ...), which engines pass through.
+Per-token log-probs are aligned to targets: logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1]),
+shape [B, T-1]; the matching mask is loss_mask[:, 1:].
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+Batch = Mapping[str, torch.Tensor]
+
+# loss_fn(logprobs [B, T-1] fp32, micro_batch) -> (loss, metrics). The loss is this micro-batch's
+# share of the *global* loss (already divided by the global normaliser), so summing over micro-
+# batches and data-parallel ranks gives the global mean. Metrics are sums in the same sense.
+LossFn = Callable[[torch.Tensor, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ValueError naming the config key, its value and what it must be, unless `ok`."""
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: it must be {allowed}")
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen (NeMo-Aligner's `sampling_params` keys); also the config schema."""
+
+    use_greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0  # 1.0 disables nucleus sampling
+
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, "sampling_params.temperature", self.temperature, "> 0")
+        require(self.top_k >= 0, "sampling_params.top_k", self.top_k, ">= 0")
+        require(0 < self.top_p <= 1, "sampling_params.top_p", self.top_p, "in (0, 1]")
+
+
+@dataclass
+class LengthParams:
+    """How many new tokens are generated (NeMo-Aligner's `length_params` keys); also the config schema."""
+
+    max_length: int = 16  # new tokens at most
+    min_length: int = 0  # EOS is suppressed before this many new tokens
+
+    def __post_init__(self) -> None:
+        require(self.max_length >= 1, "length_params.max_length", self.max_length, ">= 1")
+        require(0 <= self.min_length <= self.max_length, "length_params.min_length", self.min_length,
+                f"in [0, max_length={self.max_length}]")
+
+
+@dataclass
+class Generations:
+    """Output of generate: prompts followed by responses, left-padded prompts kept as given.
+
+    tokens [B, P+N]; response_lengths [B] (new tokens up to and including EOS);
+    prompt_lengths [B] (real prompt tokens, without left padding).
+    """
+
+    tokens: torch.Tensor
+    prompt_lengths: torch.Tensor
+    response_lengths: torch.Tensor
+
+
+class LengthPolicy(enum.Enum):
+    """How an example whose prompt + longest response exceeds max_seq_length is handled."""
+
+    truncate_prompt_left = "truncate_prompt_left"  # keep the prompt's last tokens (and a leading BOS)
+    drop = "drop"  # leave the example out
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place among the data-parallel ranks: it reads share `rank` of `size` of every batch."""
+
+    rank: int
+    size: int
+
+
+# ---- preference pairs: the one place that knows a pair is two rows ------------------------------
+# A batch of P pairs has 2P rows, interleaved: row 2i is pair i's prompt + chosen (SPIN: actual)
+# response, row 2i + 1 its prompt + rejected (SPIN: generated) response. Any contiguous split into
+# an even number of rows (micro-batches, data-parallel shares) keeps every pair whole.
+
+ROWS_PER_PAIR = 2
+
+
+def chosen_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The chosen rows [P, ...] of a pair-layout tensor [2P, ...]."""
+    return rows[0::ROWS_PER_PAIR]
+
+
+def rejected_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The rejected rows [P, ...] of a pair-layout tensor [2P, ...]."""
+    return rows[1::ROWS_PER_PAIR]
+
+
+PAIR_SIDES = ("chosen", "rejected")  # in row order
+
+
+def pair_sides(pair: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(side, response ids, reward) of one pair's {chosen,rejected}_ids / _reward, in row order."""
+    return [(side, pair[f"{side}_ids"], pair[f"{side}_reward"]) for side in PAIR_SIDES]
