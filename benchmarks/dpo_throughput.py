@@ -23,6 +23,7 @@ import torch.distributed as dist
 from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig
 from nemo_aligner.config.schema import OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
+from nemo_aligner.types import ROWS_PER_PAIR, chosen_rows, rejected_rows
 
 SHAPES = {
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -80,14 +81,15 @@ def report(result: dict, out: str | None) -> None:
 
 
 def synthetic_pairs(pairs: int, seq_len: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
-    """Interleaved chosen/rejected rows of full length; the first half of each row is the prompt."""
+    """Pair-layout rows of full length; the first half of each row is the prompt."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (2 * pairs, seq_len), generator=gen)
-    ids[1::2, : seq_len // 2] = ids[0::2, : seq_len // 2]  # a pair shares its prompt
-    loss_mask = torch.zeros(2 * pairs, seq_len)
+    ids = torch.randint(0, vocab, (ROWS_PER_PAIR * pairs, seq_len), generator=gen)
+    rejected_rows(ids)[:, : seq_len // 2] = chosen_rows(ids)[:, : seq_len // 2]  # a pair shares its prompt
+    loss_mask = torch.zeros(ROWS_PER_PAIR * pairs, seq_len)
     loss_mask[:, seq_len // 2 :] = 1
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask,
-            "rewards": torch.tensor([1.0, 0.0] * pairs)}
+    rewards = torch.zeros(ROWS_PER_PAIR * pairs)
+    chosen_rows(rewards)[:] = 1.0
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask, "rewards": rewards}
 
 
 def main() -> None:
@@ -131,7 +133,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
 
     step_time = statistics.median(times)
-    tokens = 2 * args.global_pairs * args.seq_len
+    tokens = ROWS_PER_PAIR * args.global_pairs * args.seq_len
     # policy forward + backward (3 forward-equivalents) and the reference forward (1)
     flops = 4 * tokens * forward_flops_per_token(shape, args.seq_len)
     result = {

@@ -40,10 +40,6 @@ def _describe(err: OmegaConfBaseException) -> str:
     return f"invalid config value for '{key}': {msg}" if key else msg
 
 
-def to_yaml(cfg: Any) -> str:
-    """The fully resolved config as YAML, for the log directory."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
 
 def instantiate_target(spec: dict[str, Any]) -> Any:
     """Build the object a `_target_` config names; modules are looked up from the working

@@ -11,7 +11,7 @@ import torch
 
 from nemo_aligner.losses.preference import dpo_loss, preference_pairs
 from nemo_aligner.losses.reward_metrics import reward_moments
-from nemo_aligner.types import Batch
+from nemo_aligner.types import ROWS_PER_PAIR, Batch
 
 
 def spin_loss_fn(logprobs: torch.Tensor, batch: Batch, *, beta: float,
@@ -23,7 +23,7 @@ def spin_loss_fn(logprobs: torch.Tensor, batch: Batch, *, beta: float,
     """
     mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
     pairs = preference_pairs(logprobs, batch["ref_logprobs"], mask, average_log_probs=False,
-                             gt_margin=torch.zeros(mask.shape[0] // 2, dtype=logprobs.dtype, device=logprobs.device))
+                             gt_margin=torch.zeros(mask.shape[0] // ROWS_PER_PAIR, dtype=logprobs.dtype, device=logprobs.device))
     actual, generated = pairs.chosen_logratios, pairs.rejected_logratios
     loss = dpo_loss(pairs, beta=beta).sum() / global_pairs
     return loss, {
