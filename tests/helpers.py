@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from tokenizers import Tokenizer, models, trainers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
 
@@ -30,15 +30,23 @@ def _tokenizer(path: str) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
 
 
+# The families README.md names: each trains with data parallel (tests/test_gpt_model.py); the
+# first four also with tensor parallel.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt2")
+
+
 def make_model_dir(path: str, family: str, seed: int = 0) -> str:
-    """A random-init HF model directory of `family` ('llama', 'qwen2' or 'gpt2') with a tokenizer."""
+    """A random-init HF model directory of `family` (one of FAMILIES) with a tokenizer; Llama ties
+    its embeddings, Qwen2 does not."""
     if family == "gpt2":
         config = GPT2Config(vocab_size=_SHAPE["vocab_size"], n_embd=32, n_layer=2, n_head=4, n_positions=64,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
     elif family == "llama":
         config = LlamaConfig(**_SHAPE, tie_word_embeddings=True)
-    else:
+    elif family == "qwen2":
         config = Qwen2Config(**_SHAPE, tie_word_embeddings=False)
+    else:
+        config = AutoConfig.for_model(family, **_SHAPE, head_dim=_SHAPE["hidden_size"] // _SHAPE["num_attention_heads"])
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     _tokenizer(path)
@@ -82,10 +90,15 @@ def right_padded_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, 
     return {"input_ids": ids * attention, "attention_mask": attention, "loss_mask": loss_mask}
 
 
+def torchrun_command(nproc: int, script: str, *args: str) -> list[str]:
+    """The command line that runs `script` under torchrun with `nproc` local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+
+
 def torchrun(nproc: int, script: str, *args: str, timeout: int = 300) -> str:
     """Run `script` under torchrun with `nproc` CPU processes; fail the test with its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    cmd = torchrun_command(nproc, script, *args)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

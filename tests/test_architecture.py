@@ -8,7 +8,9 @@ engine or server code.
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import tomllib
 
 import pytest
 
@@ -77,3 +79,16 @@ def test_module_imports_only_the_layers_below_it(path: pathlib.Path) -> None:
 def test_nothing_imports_the_public_api_facade() -> None:
     users = [_module_name(p) for p in MODULES if any(n in FACADES for n in _imports(p))]
     assert users == []
+
+
+def test_packaging_promises_only_engines_that_exist() -> None:
+    """An extra or image that installs an engine's dependencies exists only once the engine does."""
+    from nemo_aligner.engines.registry import engine_names
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    with open(os.path.join(REPO, "Dockerfile")) as f:
+        dockerfile = f.read()
+    for engine in ("megatron",):
+        if engine not in engine_names():
+            assert engine not in extras and engine not in dockerfile.lower(), engine

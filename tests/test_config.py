@@ -85,7 +85,9 @@ def test_invalid_config_fails_naming_the_key(override: str, message: str) -> Non
 
 @pytest.mark.parametrize("override, message", [
     ("model.data.length_policy=cut", r"'model.data.length_policy'.*expected one of \[truncate_prompt_left, drop\]"),
-    ("trainer.dpo.val_check_interval=1.5", r"val_check_interval=1.5 is invalid"),
+    ("trainer.dpo.val_check_interval=1.5", r"trainer.dpo.val_check_interval=1.5 is invalid"),
+    ("exp_manager.checkpoint_callback_params.monitor=val_bogus",
+     r"monitor='val_bogus' is invalid: it must be one of this algorithm's validation metrics \['val_loss', "),
     ("+trainer.dpo.max_step=3", r"unknown config key 'trainer.dpo.max_step'"),
 ])
 def test_invalid_dpo_config_fails_naming_the_key(override: str, message: str) -> None:
@@ -98,6 +100,8 @@ def test_invalid_dpo_config_fails_naming_the_key(override: str, message: str) ->
     ("model.spin.ref_policy_kl_penalty=-1", r"model.spin.ref_policy_kl_penalty=-1 is invalid"),
     ("model.spin.sampling_params.top_p=0", r"sampling_params.top_p=0.0 is invalid: it must be in \(0, 1\]"),
     ("model.spin.length_params.min_length=9", r"length_params.min_length=9 is invalid"),
+    ("trainer.spin.save_interval=0", r"trainer.spin.save_interval=0 is invalid"),
+    ("exp_manager.checkpoint_callback_params.monitor=val_acc", r"monitor='val_acc' is invalid.*\['val_loss'\]"),
 ])
 def test_invalid_spin_config_fails_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -106,7 +110,7 @@ def test_invalid_spin_config_fails_naming_the_key(override: str, message: str) -
 
 @pytest.mark.parametrize("override, message", [
     (dict(engine="jax"), r"model.engine='jax' is invalid: it must be one of \[.*'torch_native'.*\]"),
-    (dict(pipeline_model_parallel_size=2), r"pipeline_model_parallel_size=2 needs model.engine=megatron"),
+    (dict(pipeline_model_parallel_size=2), r"pipeline_model_parallel_size=2 is not supported: the torch_native engine"),
 ])
 def test_engine_name_and_layout_fail_when_the_model_is_built(llama_dir: str, override: dict, message: str) -> None:
     """Names in registries (engines, losses) and layout limits of an engine are checked by the code

@@ -197,6 +197,14 @@ def test_truncate_policy_keeps_the_prompt_end_and_counts(tmp_path, tokenizer, ca
     assert item["prompt_ids"].tolist() == [BOS] + full[len(full) - (max_len - longest - 1):]
 
 
+def test_texts_longer_than_the_tokenizer_limit_give_no_indexing_warning(tmp_path, capfd):
+    """The length policy reports over-long examples; transformers' "indexing errors" warning would mislead."""
+    short_limit = _make_tokenizer()
+    short_limit.model_max_length = 4
+    _dataset(_write(tmp_path, OVERSIZED), short_limit, max_seq_length=64)
+    assert "indexing errors" not in capfd.readouterr().err
+
+
 def test_drop_policy_drops_and_counts(tmp_path, tokenizer):
     data = _dataset(_write(tmp_path, OVERSIZED), tokenizer, max_seq_length=16, policy=LengthPolicy.drop)
     assert data.stats == LengthStats(total=3, kept=1, truncated=0, dropped=2)

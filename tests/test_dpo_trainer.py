@@ -135,3 +135,21 @@ def test_entry_script_rejects_bad_data_and_an_unknown_loss_before_writing(llama_
     assert proc.returncode != 0
     assert "model.dpo.preference_loss='kto' is invalid: it must be one of ['dpo', 'ipo'" in proc.stderr, proc.stderr[-2000:]
     assert not log_dir.exists()
+
+
+def test_reference_pass_chunks_whatever_rows_it_gets(llama_dir: str, preference_file: str, tmp_path) -> None:
+    """micro 4 / global 8 with reference chunks of 16 pairs (more than a rank's 8), 3 (no divisor)
+    and 1: the same reference log-probs, and a training step runs (it crashed at step 1 before)."""
+    logprobs = {}
+    for chunk in (16, 3, 1):
+        raw = OmegaConf.merge(OmegaConf.structured(_config(llama_dir, preference_file, str(tmp_path / f"run{chunk}"))),
+                              {"model": {"micro_batch_size": 4, "dpo": {"log_prob_forward_micro_batch_size": chunk}}})
+        cfg = load_config(DPOJobConfig, raw)
+        policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
+        policy.setup_optimizer(max_steps=1)
+        batch = build_preference_loader(preference_file, shuffle=False, **loader_args(policy, cfg.model)).next_batch()[0]
+        logprobs[chunk] = policy.reference_logprobs(batch)
+        assert logprobs[chunk].shape == (16, batch["input_ids"].shape[1] - 1)
+        assert policy.loss_and_metrics(batch, forward_only=False)["loss"] > 0
+    torch.testing.assert_close(logprobs[16], logprobs[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logprobs[3], logprobs[1], atol=1e-5, rtol=0)

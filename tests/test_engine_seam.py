@@ -15,10 +15,10 @@ from helpers import loader_args, write_pairs, write_sft
 from nemo_aligner.algorithms.dpo import DPOTrainer
 from nemo_aligner.algorithms.rs import RSTrainer
 from nemo_aligner.algorithms.spin import SPINTrainer
-from nemo_aligner.config.dpo import DPOJobConfig
+from nemo_aligner.config.dpo import DPO_VALIDATION_METRICS, DPOJobConfig
 from nemo_aligner.config.loader import load_config
-from nemo_aligner.config.rs import RSJobConfig
-from nemo_aligner.config.spin import SPINJobConfig
+from nemo_aligner.config.rs import RS_VALIDATION_METRICS, RSJobConfig
+from nemo_aligner.config.spin import SPIN_VALIDATION_METRICS, SPINJobConfig
 from nemo_aligner.data.builders import build_preference_loader, build_prompt_loader, build_sft_loader
 from nemo_aligner.engines.registry import engine_names, register_engine
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
@@ -132,6 +132,9 @@ def test_algorithms_give_the_same_metrics_on_the_plain_engine(algorithm: str, ll
         trainer.fit()
     plain, native = _records(logs["plain"]), _records(logs["torch_native"])
     assert len([r for r in plain if r["split"] == "train"]) >= 3
+    declared = {"dpo": DPO_VALIDATION_METRICS, "spin": SPIN_VALIDATION_METRICS, "rs": RS_VALIDATION_METRICS}[algorithm]
+    for record in (r for r in plain if r["split"] == "val"):  # what a checkpoint monitor may name, checked at start-up
+        assert set(record) - {"split", "step"} == set(declared)
     _assert_same_metrics(plain, native, tol=2e-5)
     assert os.path.isfile(os.path.join(logs["plain"], "hf_model", "config.json"))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -86,3 +88,12 @@ def test_sample_next_token_filters() -> None:
     wide = sample_next_token(logits, SamplingParams(top_p=0.9), gen)
     assert set(wide.tolist()) == {0, 1, 4}
     assert (sample_next_token(logits, SamplingParams(use_greedy=True), None) == 0).all()
+
+
+def test_generation_passes_the_kv_cache_the_way_this_transformers_version_expects(policy: GPTModel) -> None:
+    """No deprecated cache argument (transformers 5.x renamed past_key_values to cache): no FutureWarning."""
+    ids, mask = _left_padded(policy.tokenizer.pad_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = policy.generate(ids, mask, SamplingParams(use_greedy=True), LengthParams(max_length=3, min_length=3))
+    assert out.tokens.shape == (len(PROMPTS), ids.shape[1] + 3)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import FP32, model_cfg, pretrained, right_padded_batch
+from helpers import FAMILIES, FP32, model_cfg, pretrained, right_padded_batch
+from nemo_aligner.config.schema import PretrainedCheckpointConfig
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
@@ -26,9 +27,9 @@ def _sft(batch: dict[str, torch.Tensor]) -> functools.partial:
     return functools.partial(sft_loss_fn, global_num_tokens=batch["loss_mask"][:, 1:].sum())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, request: pytest.FixtureRequest) -> None:
-    path = request.getfixturevalue(f"{family}_dir")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, family_dir) -> None:
+    path = family_dir(family)
     model = GPTModel(model_cfg(), pretrained(path), FP32)
     model.setup_optimizer(max_steps=10)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -131,3 +132,15 @@ def test_devices_must_match_the_launched_processes(llama_dir: str) -> None:
 
     with pytest.raises(ValueError, match=r"trainer.devices \(2\) x trainer.num_nodes \(1\) = 2, but 1 processes were launched"):
         GPTModel(model_cfg(), pretrained(llama_dir), TrainerConfig(devices=2, precision=FP32.precision))
+
+
+def test_attention_implementation_is_a_config_choice_with_a_per_family_default(family_dir) -> None:
+    defaults = {family: GPTModel(model_cfg(), pretrained(family_dir(family)), FP32).engine.attn_implementation
+                for family in ("llama", "gemma2")}
+    assert defaults == {"llama": "sdpa", "gemma2": "eager"}  # Gemma2's soft-capped attention has no SDPA path
+    eager = GPTModel(model_cfg(attn_implementation="eager"), pretrained(family_dir("llama")), FP32)
+    assert eager.engine.module.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match=r"model_config.attn_implementation is not read; set model.attn_implementation=eager"):
+        GPTModel(model_cfg(), PretrainedCheckpointConfig(restore_from_path=None, tokenizer_path=family_dir("llama"),
+                                                         model_config={"model_type": "llama", "attn_implementation": "eager"}),
+                 FP32)

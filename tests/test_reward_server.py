@@ -277,6 +277,22 @@ def test_auth_token_is_required_when_configured(function_server: _Server) -> Non
     assert _client(function_server).wait_until_healthy(5)["status"] == "ok"
 
 
+def test_a_wrong_token_is_found_when_the_reward_source_is_built(function_server: _Server, model_server: _Server) -> None:
+    from nemo_aligner.config.rs import RemoteEndpoint, RemoteRMConfig, RewardConfig, RewardSource
+    from nemo_aligner.servers.rewards import build_reward
+
+    def remote(server: _Server, token: str | None) -> RemoteRMConfig:
+        return RemoteRMConfig(reward_model=RemoteEndpoint(ip="127.0.0.1", port=server.port), timeout_s=5.0,
+                              max_retries=0, backoff_s=0.0, auth_token=token)
+
+    source = RewardConfig(source=RewardSource.remote)
+    for token, given in ((None, "no token"), ("wrong", "its token")):
+        with pytest.raises(RewardServerError, match=rf"refused {given}; set remote_rm.auth_token to the server's"):
+            build_reward(source, remote(function_server, token), None)
+    assert build_reward(source, remote(function_server, TOKEN), None).client.score(["1+2="], ["3"]) == [1.0]
+    _client(model_server, auth_token=None).check_token()  # a server without a token is open
+
+
 def test_batcher_fails_only_the_request_with_a_non_finite_reward() -> None:
     async def run() -> list[Any]:
         batcher = DynamicBatcher(FunctionScorer(lambda p, r: float(r), "float"), max_batch_size=8, max_wait_ms=50)

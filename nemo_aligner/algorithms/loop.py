@@ -7,7 +7,6 @@ An algorithm subclasses BaseTrainer and supplies `train_step(batch)` and
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.utils.checkpoint import CheckpointManager, ShardedSaveable, Stateful
 from nemo_aligner.utils.distributed import is_rank0, log_rank0
+from nemo_aligner.utils.log_dir import CHECKPOINTS, start_run
 from nemo_aligner.utils.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -62,13 +62,12 @@ class BaseTrainer:
         self.val_batches = 0 if val_data is None else resolve_count(loop.limit_val_batches, val_data.sampler.batches_per_epoch)
         self.log_dir = exp.explicit_log_dir
         ckpt = exp.checkpoint_callback_params
-        self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"), save_top_k=ckpt.save_top_k,
+        self.checkpoints = CheckpointManager(os.path.join(self.log_dir, CHECKPOINTS), save_top_k=ckpt.save_top_k,
                                              monitor=ckpt.monitor, mode=ckpt.mode)
-        resume_path = self.checkpoints.latest() if exp.resume_if_exists else None
-        self._resume_path = resume_path
-        resume_step = self._peek_step(resume_path)
+        # The first write to the log directory: everything above (and the caller's data) is validated.
+        self.start = start_run(self.log_dir, resume_if_exists=exp.resume_if_exists, config=config_dict)
         self.metrics = MetricsLogger(self.log_dir, tensorboard=exp.create_tensorboard_logger, wandb=exp.create_wandb_logger,
-                                     wandb_kwargs=asdict(exp.wandb_logger_kwargs), config=config_dict, resume_step=resume_step)
+                                     wandb_kwargs=asdict(exp.wandb_logger_kwargs), config=config_dict)
         self.last_val: dict[str, float] = {}
 
     # --------------------------------------------------------------- to supply
@@ -103,8 +102,8 @@ class BaseTrainer:
     def fit(self) -> dict[str, float]:
         """Train to max_steps (resuming first if a checkpoint exists); returns the last val metrics."""
         self.policy.setup_optimizer(max_steps=self.optimizer_steps())
-        if self._resume_path is not None:
-            self.checkpoints.load(self._resume_path, self.policy, self.statefuls(), self.sharded_statefuls())
+        if self.start.resume_from is not None:
+            self.checkpoints.load(self.start.resume_from, self.policy, self.statefuls(), self.sharded_statefuls())
         log_rank0(logger, "%s: %d steps (%d per epoch), validation every %d steps on %d batches, resuming at step %d",
                   self.algorithm, self.max_steps, self.train_data.sampler.batches_per_epoch, self.val_interval,
                   self.val_batches, self.state.step)
@@ -175,13 +174,6 @@ class BaseTrainer:
         self.checkpoints.save(self.state.step, self.policy, self.statefuls(),
                               {"epoch": sampler.epoch, "consumed_samples": sampler.consumed_samples}, metric=metric,
                               sharded_extras=self.sharded_statefuls())
-
-    @staticmethod
-    def _peek_step(path: str | None) -> int | None:
-        if path is None:
-            return None
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            return int(json.load(f)["step"])
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

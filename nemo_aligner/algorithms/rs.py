@@ -19,6 +19,7 @@ from nemo_aligner.config.rs import RSConfig, RSLoopConfig
 from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
 from nemo_aligner.servers.rewards import Reward, checked_rewards
 from nemo_aligner.utils.distributed import is_rank0
+from nemo_aligner.utils.log_dir import ROLLOUTS_FILE
 
 KeptSequence = tuple[torch.Tensor, torch.Tensor]  # (prompt ids, response ids)
 
@@ -38,7 +39,7 @@ class RSTrainer(BaseTrainer):
         super().__init__(**kwargs)
         self.reward, self.rs = reward, rs
         self.updates_per_step = rs.num_rollout_samples * rs.top_n_rollouts // self.policy.cfg.global_batch_size
-        self.rollout_log = os.path.join(self.log_dir, "rollouts.jsonl")
+        self.rollout_log = os.path.join(self.log_dir, ROLLOUTS_FILE)
 
     def optimizer_steps(self) -> int:
         return self.max_steps * self.updates_per_step

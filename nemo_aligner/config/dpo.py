@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from nemo_aligner.config.schema import (
     DataLoadingConfig,
@@ -12,8 +12,15 @@ from nemo_aligner.config.schema import (
     ModelConfig,
     PretrainedCheckpointConfig,
     TrainerConfig,
+    check_batch_layout,
+    check_monitor,
 )
 from nemo_aligner.types import require
+
+
+# What DPOTrainer's validation reports (val_<name> in the logs; a checkpoint monitor picks one).
+DPO_VALIDATION_METRICS = ("loss", "preference_loss", "sft_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean",
+                          "rewards_all_mean", "rewards_all_std", "rewards_margin_mean")
 
 
 @dataclass
@@ -64,8 +71,13 @@ class DPOModelConfig(ModelConfig):
 
 
 @dataclass
+class DPOLoopConfig(LoopConfig):
+    section: ClassVar[str] = "trainer.dpo"
+
+
+@dataclass
 class DPOTrainerConfig(TrainerConfig):
-    dpo: LoopConfig = field(default_factory=LoopConfig)
+    dpo: DPOLoopConfig = field(default_factory=DPOLoopConfig)
 
 
 @dataclass
@@ -77,3 +89,7 @@ class DPOJobConfig:
     # Optional held-out task evaluation before and after training: a Hydra `_target_` callable
     # taking the policy and returning {name: value}; null disables it.
     task_eval: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        check_batch_layout(self.trainer, self.model)
+        check_monitor(self.exp_manager, DPO_VALIDATION_METRICS)

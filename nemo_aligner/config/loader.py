@@ -41,12 +41,18 @@ def _describe(err: OmegaConfBaseException) -> str:
 
 
 
-def instantiate_target(spec: dict[str, Any]) -> Any:
-    """Build the object a `_target_` config names; modules are looked up from the working
-    directory too, so `examples.tiny...` targets work when a script runs from the repo root."""
+def instantiate_target(spec: dict[str, Any], *, key: str) -> Any:
+    """Build the object the `_target_` config at `key` names; modules are looked up from the working
+    directory too (a user's own module beside the run). A target that cannot be imported or built
+    is a ConfigError naming `key`."""
     import hydra.utils
+    from hydra.errors import InstantiationException
 
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    return hydra.utils.instantiate(spec)
+    try:
+        return hydra.utils.instantiate(spec)
+    except InstantiationException as err:
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise ConfigError(f"{key}: {message.replace(', set env var HYDRA_FULL_ERROR=1 to see chained exception', '')}") from None
 

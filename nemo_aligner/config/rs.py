@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from nemo_aligner.config.schema import (
+    CheckpointCallbackParams,
     DataLoadingConfig,
     ExpManagerConfig,
     LoopConfig,
     ModelConfig,
     PretrainedCheckpointConfig,
     TrainerConfig,
+    check_batch_layout,
+    check_monitor,
 )
 from nemo_aligner.types import LengthParams, SamplingParams, require
+
+
+# What RSTrainer's validation reports: one greedy-or-sampled rollout per prompt, scored.
+RS_VALIDATION_METRICS = ("reward_mean", "response_length_mean")
 
 
 @dataclass
@@ -98,6 +105,7 @@ class RemoteRMConfig:
 
 @dataclass
 class RSLoopConfig(LoopConfig):
+    section: ClassVar[str] = "trainer.rs"
     rollout_log_samples: int = 4  # rollouts (prompt, response, reward) written to rollouts.jsonl per step
 
     def __post_init__(self) -> None:
@@ -113,9 +121,14 @@ class RSTrainerConfig(TrainerConfig):
 @dataclass
 class RSJobConfig:
     trainer: RSTrainerConfig = field(default_factory=RSTrainerConfig)
-    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=lambda: ExpManagerConfig(
+        checkpoint_callback_params=CheckpointCallbackParams(monitor="val_reward_mean", mode="max")))
     pretrained_checkpoint: PretrainedCheckpointConfig = field(default_factory=PretrainedCheckpointConfig)
     model: RSModelConfig = field(default_factory=RSModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     remote_rm: RemoteRMConfig = field(default_factory=RemoteRMConfig)
     task_eval: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        check_batch_layout(self.trainer, self.model)
+        check_monitor(self.exp_manager, RS_VALIDATION_METRICS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 from nemo_aligner.types import LengthPolicy, require
 
@@ -103,6 +103,9 @@ class ModelConfig:
     encoder_seq_length: int = 4096  # the longest sequence (prompt + response) the model is fed
     seed: int = 1234
     log_prob_chunk_size: int = 1024  # tokens per fp32 log-softmax chunk (bounds [tokens x vocab] memory)
+    # Attention kernel (transformers' attn_implementation: sdpa, eager, flash_attention_2, ...);
+    # null: sdpa where the model family supports it, eager otherwise (e.g. Gemma2).
+    attn_implementation: Optional[str] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -126,11 +129,14 @@ class TrainerConfig:
 
 @dataclass
 class LoopConfig:
-    """The fit loop of an algorithm (trainer.dpo, trainer.spin, trainer.rs).
+    """The fit loop of an algorithm (trainer.dpo, trainer.spin, trainer.rs); each algorithm's
+    subclass names its section, so errors name the full key.
 
     Intervals follow Lightning/NeMo: an int counts optimizer steps, a float in (0, 1] is a
     fraction of an epoch's steps.
     """
+
+    section: ClassVar[str] = "trainer.<algorithm>"
 
     max_epochs: int = 1
     max_steps: int = -1  # -1: max_epochs x steps per epoch
@@ -140,15 +146,16 @@ class LoopConfig:
     gradient_clip_val: float = 1.0  # clip the global grad norm to this; 0 disables
 
     def __post_init__(self) -> None:
-        require(self.max_epochs >= 1, "trainer.<algorithm>.max_epochs", self.max_epochs, ">= 1")
-        require(self.max_steps == -1 or self.max_steps >= 1, "trainer.<algorithm>.max_steps", self.max_steps, "-1 or >= 1")
-        require(self.save_interval >= 1, "trainer.<algorithm>.save_interval", self.save_interval, ">= 1")
-        require(self.gradient_clip_val >= 0, "trainer.<algorithm>.gradient_clip_val", self.gradient_clip_val, ">= 0")
-        for key in ("val_check_interval", "limit_val_batches"):
-            value = getattr(self, key)
+        key = f"{self.section}."
+        require(self.max_epochs >= 1, key + "max_epochs", self.max_epochs, ">= 1")
+        require(self.max_steps == -1 or self.max_steps >= 1, key + "max_steps", self.max_steps, "-1 or >= 1")
+        require(self.save_interval >= 1, key + "save_interval", self.save_interval, ">= 1")
+        require(self.gradient_clip_val >= 0, key + "gradient_clip_val", self.gradient_clip_val, ">= 0")
+        for name in ("val_check_interval", "limit_val_batches"):
+            value = getattr(self, name)
             ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
                 isinstance(value, float) and 0 < value <= 1)
-            require(ok, f"trainer.<algorithm>.{key}", value, "an int >= 1 (steps/batches) or a float in (0, 1] (fraction)")
+            require(ok, key + name, value, "an int >= 1 (steps/batches) or a float in (0, 1] (fraction)")
 
 
 def resolve_count(value: int | float, total: int) -> int:
@@ -168,6 +175,36 @@ class CheckpointCallbackParams:
     def __post_init__(self) -> None:
         require(self.save_top_k >= 1, "exp_manager.checkpoint_callback_params.save_top_k", self.save_top_k, ">= 1")
         require(self.mode in ("min", "max"), "exp_manager.checkpoint_callback_params.mode", self.mode, "one of [min, max]")
+
+
+def check_batch_sizes(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """The gradient-accumulation steps; raises if the global batch does not split evenly."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise ValueError(
+            f"model.global_batch_size={global_batch_size} must be a multiple of model.micro_batch_size "
+            f"({micro_batch_size}) x data-parallel size ({dp}) = {micro_batch_size * dp}; e.g. set "
+            f"model.global_batch_size={max(1, round(global_batch_size / (micro_batch_size * dp))) * micro_batch_size * dp}"
+        )
+    return global_batch_size // (micro_batch_size * dp)
+
+
+def check_batch_layout(trainer: TrainerConfig, model: ModelConfig) -> None:
+    """At start-up, before any process group exists: the model-parallel sizes divide the world
+    (trainer.devices x trainer.num_nodes) and the global batch splits over the data-parallel ranks."""
+    world = trainer.devices * trainer.num_nodes
+    model_parallel = model.tensor_model_parallel_size * model.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"model.tensor_model_parallel_size ({model.tensor_model_parallel_size}) x "
+                         f"model.pipeline_model_parallel_size ({model.pipeline_model_parallel_size}) = {model_parallel} "
+                         f"must divide trainer.devices x trainer.num_nodes = {world}")
+    check_batch_sizes(model.global_batch_size, model.micro_batch_size, world // model_parallel)
+
+
+def check_monitor(exp: ExpManagerConfig, validation_metrics: Sequence[str]) -> None:
+    """The checkpoint callback's monitor must be one of the algorithm's validation metrics (val_<name>)."""
+    allowed = [f"val_{name}" for name in validation_metrics]
+    require(exp.checkpoint_callback_params.monitor in allowed, "exp_manager.checkpoint_callback_params.monitor",
+            exp.checkpoint_callback_params.monitor, f"one of this algorithm's validation metrics {allowed}")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from nemo_aligner.config.schema import (
     DataLoadingConfig,
@@ -12,8 +12,14 @@ from nemo_aligner.config.schema import (
     ModelConfig,
     PretrainedCheckpointConfig,
     TrainerConfig,
+    check_batch_layout,
+    check_monitor,
 )
 from nemo_aligner.types import LengthParams, SamplingParams, require
+
+
+# What SPINTrainer's validation reports: the SFT loss of the ground-truth responses.
+SPIN_VALIDATION_METRICS = ("loss",)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class SPINModelConfig(ModelConfig):
 
 @dataclass
 class SPINLoopConfig(LoopConfig):
+    section: ClassVar[str] = "trainer.spin"
     max_iterations: int = 1  # reference updates: each iteration runs max_epochs over the data
 
     def __post_init__(self) -> None:
@@ -78,6 +85,8 @@ class SPINJobConfig:
     task_eval: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
+        check_batch_layout(self.trainer, self.model)
+        check_monitor(self.exp_manager, SPIN_VALIDATION_METRICS)
         betas = self.model.spin.ref_policy_kl_penalty
         if isinstance(betas, (list, tuple)) and len(betas) != self.trainer.spin.max_iterations:
             raise ValueError(f"model.spin.ref_policy_kl_penalty has {len(betas)} values but trainer.spin.max_iterations="

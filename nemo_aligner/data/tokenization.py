@@ -2,6 +2,9 @@
 
 The prompt and the response are tokenised separately and concatenated, so no token spans the
 prompt/response boundary: every response token is a trained target and no prompt token is.
+Texts longer than the tokenizer's model_max_length are tokenised quietly (verbose=False): the
+length policy (length_policy.py) decides what happens to them and reports it, so transformers'
+"will result in indexing errors" warning would only mislead.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt_text: str, *, fro
     Returns:
         prompt_ids: [P] ids.
     """
-    return tokenizer(prompt_text, add_special_tokens=not from_template)["input_ids"]
+    return tokenizer(prompt_text, add_special_tokens=not from_template, verbose=False)["input_ids"]
 
 
 def tokenize_record_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, Any]], *,
@@ -98,7 +101,7 @@ def tokenize_response(tokenizer: PreTrainedTokenizerBase, response_text: str) ->
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; set one so that responses can be terminated")
-    ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(response_text, add_special_tokens=False, verbose=False)["input_ids"]
     while ids and ids[-1] == eos:
         ids.pop()
     return [*ids, eos]

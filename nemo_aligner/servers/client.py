@@ -20,10 +20,12 @@ from typing import Any, Sequence
 import requests
 import torch.distributed as dist
 
+from nemo_aligner.utils.errors import InputError
+
 _RETRIED = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
 
 
-class RewardServerError(RuntimeError):
+class RewardServerError(RuntimeError, InputError):
     """The reward server could not be reached, rejected a request, or answered something invalid.
 
     Attributes:
@@ -91,13 +93,25 @@ class RemoteRewardClient:
                 raise RewardServerError(f"reward server {self.url} was not healthy within {timeout_s}s; last error: {last}")
             time.sleep(0.1)
 
+    def check_token(self) -> None:
+        """Raises RewardServerError, naming remote_rm.auth_token, unless the server accepts this
+        client's token (or needs none): a wrong token is found at start-up, not at the first step."""
+        try:
+            self._request("GET", "/auth", None)
+        except RewardServerError as err:
+            if err.status_code != 401:
+                raise
+            given = "no token" if not self._headers else "its token"
+            raise RewardServerError(f"reward server {self.url} refused {given}; set remote_rm.auth_token to the "
+                                    f"server's auth_token ({err})", status_code=401) from None
+
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
         return session
 
-    def _request(self, method: str, path: str, payload: dict[str, Any]) -> Any:
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None) -> Any:
         attempts = self.max_retries + 1
         last = ""
         for attempt in range(attempts):

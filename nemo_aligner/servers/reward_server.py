@@ -11,7 +11,9 @@ order. A bad request gets a 4xx with `{"detail": message}` and the server keeps 
     500  the reward function raised or returned a non-finite value (the message names the item)
 
 GET /health is open (no token): `{"status": "ok", "scorer": ..., "requests": n, "items": n,
-"batches": n, "max_batch_items": n, "max_batch_requests": n}`.
+"batches": n, "max_batch_items": n, "max_batch_requests": n}`. GET /auth answers 200
+(`{"auth": "ok" | "open"}`) when the request's token would be accepted by /score, else 401: a
+client checks its token at start-up with it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def build_app(scorer: Scorer, cfg: RewardServerConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "scorer": scorer.description, **dataclasses.asdict(batcher.stats)}
+
+    @app.get("/auth")
+    async def auth(request: Request) -> dict[str, str]:
+        _check_auth(request, cfg.auth_token)
+        return {"auth": "ok" if cfg.auth_token else "open"}
 
     @app.post("/score")
     async def score(request: Request) -> dict[str, list[float]]:

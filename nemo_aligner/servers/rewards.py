@@ -14,9 +14,10 @@ import torch.distributed as dist
 from nemo_aligner.config.loader import instantiate_target
 from nemo_aligner.config.rs import RemoteRMConfig, RewardConfig, RewardSource
 from nemo_aligner.servers.client import RemoteRewardClient, score_on_rank0_and_broadcast
+from nemo_aligner.utils.errors import InputError
 
 
-class RewardError(RuntimeError):
+class RewardError(RuntimeError, InputError):
     """The reward source returned the wrong number of scores or a non-finite score."""
 
 
@@ -57,15 +58,16 @@ def checked_rewards(reward: Reward, prompts: Sequence[str], responses: Sequence[
 
 
 def build_reward(reward: RewardConfig, remote_rm: RemoteRMConfig, group: dist.ProcessGroup | None) -> Reward:
-    """The configured reward source; a remote one is checked for health first (with retries) and
+    """The configured reward source; a remote one is checked for health and for its token first and
     called by the first rank of `group` (the ranks that share a data-parallel share, see
     GPTModel.model_parallel_group), which broadcasts the scores to the others."""
     if reward.source is RewardSource.function:
         if reward.function is None:
             raise ValueError("reward.source=function needs reward.function (a Hydra _target_ with _partial_: true)")
-        return FunctionReward(instantiate_target(reward.function))
+        return FunctionReward(instantiate_target(reward.function, key="reward.function"))
     endpoint = remote_rm.reward_model
     client = RemoteRewardClient(endpoint.ip, endpoint.port, timeout_s=remote_rm.timeout_s, max_retries=remote_rm.max_retries,
                                 backoff_s=remote_rm.backoff_s, auth_token=remote_rm.auth_token)
     client.wait_until_healthy(remote_rm.timeout_s)
+    client.check_token()
     return RemoteReward(client, group)

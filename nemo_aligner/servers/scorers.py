@@ -123,7 +123,7 @@ class SequenceClassificationScorer:
 def build_reward_function(spec: dict[str, Any]) -> Callable[[str, str], float]:
     """The callable a `reward_model.function` spec names (`_partial_` defaults to true)."""
     spec = {"_partial_": True, **spec}
-    fn = instantiate_target(spec)
+    fn = instantiate_target(spec, key="reward_model.function")
     if not callable(fn):
         raise ValueError(f"reward_model.function={spec!r} built {type(fn).__name__}, which is not callable")
     return fn

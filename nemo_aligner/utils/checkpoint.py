@@ -89,14 +89,7 @@ class CheckpointManager:
 
     def latest(self) -> str | None:
         """Path of the newest complete checkpoint, or None when there is none."""
-        pointer = os.path.join(self.checkpoint_dir, LATEST)
-        if not os.path.isfile(pointer):
-            return None
-        with open(pointer) as f:
-            path = os.path.join(self.checkpoint_dir, f.read().strip())
-        if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
-            raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint (no {TRAINER_STATE})")
-        return path
+        return latest_checkpoint(self.checkpoint_dir)
 
     def load(self, path: str, model: ShardedSaveable, statefuls: Mapping[str, Stateful],
              sharded_extras: Mapping[str, ShardedSaveable] | None = None) -> dict[str, Any]:
@@ -145,6 +138,24 @@ class CheckpointManager:
             if name not in kept:
                 shutil.rmtree(os.path.join(self.checkpoint_dir, name))
                 logger.info("removed checkpoint %s (outside top %d by %s)", name, self.save_top_k, self.monitor)
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    """The complete checkpoint `<checkpoint_dir>/latest` names, or None when there is no pointer."""
+    pointer = os.path.join(checkpoint_dir, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(checkpoint_dir, f.read().strip())
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint (no {TRAINER_STATE})")
+    return path
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a complete checkpoint was saved at."""
+    with open(os.path.join(path, TRAINER_STATE)) as f:
+        return int(json.load(f)["step"])
 
 
 def _rank() -> int:

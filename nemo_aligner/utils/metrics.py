@@ -8,6 +8,7 @@ import os
 from typing import Any, Mapping
 
 from nemo_aligner.utils.distributed import is_rank0
+from nemo_aligner.utils.log_dir import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -16,14 +17,14 @@ class MetricsLogger:
     """Writes `{split}/{name}` scalars per step. Every method is a no-op off rank 0."""
 
     def __init__(self, log_dir: str, *, tensorboard: bool, wandb: bool, wandb_kwargs: Mapping[str, Any],
-                 config: Mapping[str, Any], resume_step: int | None) -> None:
+                 config: Mapping[str, Any]) -> None:
+        """Appends to `<log_dir>/metrics.jsonl`, which utils/log_dir.py has prepared for this run."""
         self.active = is_rank0()
-        self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        self.jsonl_path = os.path.join(log_dir, METRICS_FILE)
         self._tb = self._wandb = None
         if not self.active:
             return
         os.makedirs(log_dir, exist_ok=True)
-        _truncate_after(self.jsonl_path, resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -53,16 +54,6 @@ def read_metrics(path: str, split: str) -> list[dict[str, Any]]:
     """The records of `split` in a metrics.jsonl file, in order."""
     with open(path) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
-
-
-def _truncate_after(path: str, step: int | None) -> None:
-    """On resume, drop records of steps after the checkpoint: they are about to be redone."""
-    if step is None or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
 
 
 def _start_wandb(log_dir: str, kwargs: Mapping[str, Any], config: Mapping[str, Any]) -> Any:

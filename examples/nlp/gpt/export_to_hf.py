@@ -9,30 +9,30 @@ from __future__ import annotations
 import logging
 import os
 
+import entry_setup  # noqa: F401  (repository-relative paths; the embedded example importable)
 import hydra
 from omegaconf import DictConfig
 
 from nemo_aligner.config.jobs import ExportToHFConfig
 from nemo_aligner.config.loader import load_config
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
-from nemo_aligner.utils.checkpoint import LATEST
+from nemo_aligner.utils.checkpoint import LATEST, latest_checkpoint
 from nemo_aligner.utils.distributed import log_rank0
+from nemo_aligner.utils.errors import report_input_errors
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: str) -> str:
     """A step_N directory as given, or the one a checkpoints directory's `latest` names."""
-    pointer = os.path.join(path, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(path, f.read().strip())
+    path = latest_checkpoint(path) or path
     if not os.path.isdir(os.path.join(path, "model")):
         raise FileNotFoundError(f"checkpoint_path '{path}' is neither a step_N checkpoint nor a folder with a '{LATEST}' file")
     return path
 
 
 @hydra.main(config_path="conf", config_name="export_to_hf", version_base=None)
+@report_input_errors
 def main(raw: DictConfig) -> None:
     cfg = load_config(ExportToHFConfig, raw)
     checkpoint = resolve_checkpoint(cfg.checkpoint_path) if cfg.checkpoint_path else None

@@ -12,15 +12,18 @@ Endpoints: GET /health, POST /score {"prompts": [...], "responses": [...]} -> {"
 
 from __future__ import annotations
 
+import entry_setup  # noqa: F401  (repository-relative paths; the embedded example importable)
 import hydra
 from omegaconf import DictConfig
 
 from nemo_aligner.config.loader import load_config
 from nemo_aligner.config.reward_server import RewardServerConfig
 from nemo_aligner.servers.reward_server import serve
+from nemo_aligner.utils.errors import report_input_errors
 
 
 @hydra.main(config_path="conf", config_name="serve_reward_model", version_base=None)
+@report_input_errors
 def main(raw: DictConfig) -> None:
     serve(load_config(RewardServerConfig, raw))
 

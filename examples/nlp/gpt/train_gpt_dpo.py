@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import entry_setup  # noqa: F401  (repository-relative paths; the embedded example importable)
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,11 +21,12 @@ from nemo_aligner.config.dpo import DPOJobConfig
 from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.data.builders import build_preference_loader
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
-from nemo_aligner.utils.log_dir import save_config
+from nemo_aligner.utils.errors import report_input_errors
 from nemo_aligner.utils.task_eval import report_task_eval
 
 
 @hydra.main(config_path="conf", config_name="gpt_dpo", version_base=None)
+@report_input_errors
 def main(raw: DictConfig) -> None:
     cfg = load_config(DPOJobConfig, raw)
     policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
@@ -34,13 +36,13 @@ def main(raw: DictConfig) -> None:
                                data_parallel=policy.data_parallel)
     train = loader(data.data_prefix.train, shuffle=True)
     val = loader(data.data_prefix.validation, shuffle=False)
-    task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
-    save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
-    if task_eval:
-        report_task_eval(task_eval(policy), "before training")
+    task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
+    # Every input is validated: the trainer prepares the log directory (utils/log_dir.py).
     trainer = DPOTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.dpo, exp=cfg.exp_manager,
                          log_every_n_steps=cfg.trainer.log_every_n_steps,
                          config_dict=OmegaConf.to_container(raw, resolve=True))
+    if task_eval:
+        report_task_eval(task_eval(policy), "before training")
     trainer.fit()
     if task_eval:
         report_task_eval(task_eval(policy), f"after {trainer.state.step} DPO steps")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+import entry_setup  # noqa: F401  (repository-relative paths; the embedded example importable)
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,11 +24,12 @@ from nemo_aligner.config.rs import RSJobConfig
 from nemo_aligner.data.builders import build_prompt_loader
 from nemo_aligner.models.nlp.gpt.gpt_rs_actor import GPTRSActor
 from nemo_aligner.servers.rewards import build_reward
-from nemo_aligner.utils.log_dir import save_config
+from nemo_aligner.utils.errors import report_input_errors
 from nemo_aligner.utils.task_eval import report_task_eval
 
 
 @hydra.main(config_path="conf", config_name="gpt_rs_actor", version_base=None)
+@report_input_errors
 def main(raw: DictConfig) -> None:
     cfg = load_config(RSJobConfig, raw)
     policy = GPTRSActor(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
@@ -38,13 +40,13 @@ def main(raw: DictConfig) -> None:
     train = loader(data.data_prefix.train, prompts_per_step=rs.num_rollout_samples, shuffle=True)
     val = loader(data.data_prefix.validation, prompts_per_step=rs.num_val_samples, shuffle=False)
     reward = build_reward(cfg.reward, cfg.remote_rm, policy.model_parallel_group)
-    task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
-    save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
-    if task_eval:
-        report_task_eval(task_eval(policy), "before training")
+    task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
+    # Every input is validated: the trainer prepares the log directory (utils/log_dir.py).
     trainer = RSTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.rs, exp=cfg.exp_manager,
                         log_every_n_steps=cfg.trainer.log_every_n_steps, reward=reward, rs=rs,
                         config_dict=OmegaConf.to_container(raw, resolve=True))
+    if task_eval:
+        report_task_eval(task_eval(policy), "before training")
     trainer.fit()
     if task_eval:
         report_task_eval(task_eval(policy), f"after {trainer.state.step} rejection sampling steps")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import entry_setup  # noqa: F401  (repository-relative paths; the embedded example importable)
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,11 +21,12 @@ from nemo_aligner.config.loader import instantiate_target, load_config
 from nemo_aligner.config.spin import SPINJobConfig
 from nemo_aligner.data.builders import build_sft_loader
 from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
-from nemo_aligner.utils.log_dir import save_config
+from nemo_aligner.utils.errors import report_input_errors
 from nemo_aligner.utils.task_eval import report_task_eval
 
 
 @hydra.main(config_path="conf", config_name="gpt_spin", version_base=None)
+@report_input_errors
 def main(raw: DictConfig) -> None:
     cfg = load_config(SPINJobConfig, raw)
     policy = GPTSPINModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
@@ -36,18 +38,18 @@ def main(raw: DictConfig) -> None:
     train = loader(data.train_ds.file_path, response_budget=cfg.model.spin.length_params.max_length, shuffle=True,
                    collate=False)
     val = loader(data.validation_ds.file_path, response_budget=0, shuffle=False, collate=True)
-    task_eval = instantiate_target(cfg.task_eval) if cfg.task_eval else None
-    save_config(raw, cfg.exp_manager.explicit_log_dir)  # everything is validated: the log dir may be written
+    task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
 
     def report(iteration: int, model: GPTSPINModel) -> None:
         report_task_eval(task_eval(model), f"after iteration {iteration}")
 
-    if task_eval:
-        report_task_eval(task_eval(policy), "before training")
+    # Every input is validated: the trainer prepares the log directory (utils/log_dir.py).
     trainer = SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
                           log_every_n_steps=cfg.trainer.log_every_n_steps,
                           config_dict=OmegaConf.to_container(raw, resolve=True),
                           iteration_callback=report if task_eval else None)
+    if task_eval:
+        report_task_eval(task_eval(policy), "before training")
     trainer.fit()
 
 

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig,
+                          PreTrainedTokenizerBase)
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,27 @@ def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] |
     kwargs = dict(model_config)
     if "model_type" not in kwargs:
         raise ValueError("pretrained_checkpoint.model_config needs a 'model_type' key (e.g. llama, qwen2)")
+    if "attn_implementation" in kwargs:
+        raise ValueError("pretrained_checkpoint.model_config.attn_implementation is not read; set "
+                         f"model.attn_implementation={kwargs['attn_implementation']} instead")
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
-def build_meta_model(config: PretrainedConfig) -> nn.Module:
+def attention_implementation(config: PretrainedConfig, requested: str | None) -> str:
+    """`model.attn_implementation` if set, else PyTorch's SDPA where the family supports it and eager
+    attention otherwise (e.g. Gemma2, whose soft-capped attention SDPA cannot compute)."""
+    if requested is not None:
+        return requested
+    return "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
+
+
+def build_meta_model(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
     """The network with every parameter on `meta` and every buffer materialised on CPU."""
     with _parameters_on_meta():
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+        except (ValueError, ImportError) as err:  # an unknown kernel, one the family lacks, or a missing package
+            raise ValueError(f"model.attn_implementation={attn_implementation!r}: {err}") from None
 
 
 def full_state_dict_on_rank0(restore_from_path: str | None, config: PretrainedConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -18,10 +18,11 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.engines.base import ReduceOp
 from nemo_aligner.engines.torch_native import checkpoint, weights
-from nemo_aligner.engines.torch_native.build import build_meta_model, full_state_dict_on_rank0, load_hf_config, load_tokenizer
+from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, full_state_dict_on_rank0,
+                                                     load_hf_config, load_tokenizer)
 from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import generate
-from nemo_aligner.engines.torch_native.layout import ParallelDims, build_mesh, check_tensor_parallel
+from nemo_aligner.engines.torch_native.layout import ParallelDims, build_mesh, check_no_pipeline, check_tensor_parallel
 from nemo_aligner.engines.torch_native.optim import build_optimizer, global_grad_norm, scale_grads_
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
@@ -50,6 +51,7 @@ class TorchNativeEngine:
         param_dtype: torch.dtype,
         seed: int,
         log_prob_chunk_size: int,
+        attn_implementation: str,
     ) -> None:
         self.hf_config = hf_config
         self.tokenizer = tokenizer
@@ -64,7 +66,8 @@ class TorchNativeEngine:
         self.tp_size, self.tp_rank = mesh["tp"].size(), mesh["tp"].get_local_rank()
         self.data_parallel = DataParallel(rank=self.dp_rank, size=self.dp_size)
         self.model_parallel_group = self.tp_group
-        self.module: nn.Module = build_meta_model(hf_config)
+        self.attn_implementation = attn_implementation
+        self.module: nn.Module = build_meta_model(hf_config, attn_implementation)
         self.architecture = type(self.module).__name__
         parallelize(self.module, mesh, param_dtype=param_dtype)
         materialize(self.module, device, full_state_dict_on_rank0(restore_from_path, hf_config, seed))
@@ -78,7 +81,7 @@ class TorchNativeEngine:
 
     def describe(self) -> str:
         return (f"{self.architecture}: {self.num_parameters() / 1e6:.1f}M parameters, dp={self.dp_size} "
-                f"tp={self.tp_size}, compute in {str(self.param_dtype).removeprefix('torch.')}")
+                f"tp={self.tp_size}, compute in {str(self.param_dtype).removeprefix('torch.')}, {self.attn_implementation} attention")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())  # DTensor numel is the global size
@@ -230,12 +233,12 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
                               trainer: TrainerConfig) -> TorchNativeEngine:
     """Check the layout against the launch and the model, then build the engine (the registry's
     `torch_native`): FSDP2 over dp, DTensor tensor parallel over tp, bf16 or fp32 compute."""
+    check_no_pipeline(model.pipeline_model_parallel_size)
     device = init_distributed()
     check_world_size(trainer.devices, trainer.num_nodes, dist.get_world_size())
     hf_config = load_hf_config(pretrained.restore_from_path, pretrained.model_config)
     check_tensor_parallel(hf_config, model.tensor_model_parallel_size)
-    dims = ParallelDims.from_world(dist.get_world_size(), model.tensor_model_parallel_size,
-                                   model.pipeline_model_parallel_size)
+    dims = ParallelDims.from_world(dist.get_world_size(), model.tensor_model_parallel_size)
     tokenizer_path = pretrained.tokenizer_path or pretrained.restore_from_path
     if tokenizer_path is None:
         raise ValueError("pretrained_checkpoint.tokenizer_path must be set when the model is built from model_config")
@@ -244,6 +247,7 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
         restore_from_path=pretrained.restore_from_path,
         param_dtype=torch.bfloat16 if trainer.precision is Precision.bf16 else torch.float32, seed=model.seed,
         log_prob_chunk_size=model.log_prob_chunk_size,
+        attn_implementation=attention_implementation(hf_config, model.attn_implementation),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -49,6 +51,7 @@ def generate(
     are filled with `pad_token_id`.
     """
     batch = input_ids.shape[0]
+    cache = cache_argument(module)
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     response_lengths = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
@@ -69,11 +72,17 @@ def generate(
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = module(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                     use_cache=True, logits_to_keep=1, **{cache: getattr(out, cache)})
     responses = torch.stack(new_tokens, dim=1) if new_tokens else input_ids[:, :0]
     return Generations(tokens=torch.cat([input_ids, responses], dim=1),
                        prompt_lengths=attention_mask[:, : input_ids.shape[1]].sum(dim=-1),
                        response_lengths=response_lengths)
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which this transformers version passes and returns the KV cache: `cache`
+    (transformers >= 5.2x) or `past_key_values` (earlier; deprecated later, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
 def _last_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -25,18 +25,20 @@ class ParallelDims:
     tp: int
 
     @classmethod
-    def from_world(cls, world_size: int, tp: int, pp: int) -> "ParallelDims":
-        if pp != 1:
-            raise ValueError(
-                f"model.pipeline_model_parallel_size={pp} needs model.engine=megatron; the torch_native "
-                "engine supports data and tensor parallelism only (set it to 1)"
-            )
+    def from_world(cls, world_size: int, tp: int) -> "ParallelDims":
         if world_size % tp != 0:
             raise ValueError(
                 f"model.tensor_model_parallel_size={tp} does not divide the world size {world_size} "
                 "(trainer.devices x trainer.num_nodes processes); choose a divisor of it"
             )
         return cls(dp=world_size // tp, tp=tp)
+
+
+def check_no_pipeline(pp: int) -> None:
+    """This engine has data and tensor parallelism only."""
+    if pp != 1:
+        raise ValueError(f"model.pipeline_model_parallel_size={pp} is not supported: the torch_native engine has data "
+                         "and tensor parallelism only (set it to 1)")
 
 
 def check_tensor_parallel(config: PretrainedConfig, tp: int) -> None:

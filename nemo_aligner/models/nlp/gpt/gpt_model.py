@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from nemo_aligner.config.schema import ModelConfig, PretrainedCheckpointConfig, TrainerConfig
+from nemo_aligner.config.schema import ModelConfig, PretrainedCheckpointConfig, TrainerConfig, check_batch_sizes
 from nemo_aligner.data.collate import prompt_collate
 from nemo_aligner.engines.base import Engine
 from nemo_aligner.engines.registry import build_engine
@@ -140,11 +140,12 @@ class GPTModel:
                       rows_per_example: int | None = None) -> Sequence[Batch]:
         """Split a batch along dim 0 into micro-batches of `micro_batch_size` examples (default: the
         config's), i.e. `micro_batch_size x rows_per_example` rows (default: this model's examples),
-        moved to the device."""
-        size = (micro_batch_size or self.cfg.micro_batch_size) * (rows_per_example or self.rows_per_example)
+        moved to the device; the last one holds what is left. Examples are never split."""
+        per_example = rows_per_example or self.rows_per_example
+        size = (micro_batch_size or self.cfg.micro_batch_size) * per_example
         rows = next(iter(batch.values())).shape[0]
-        if rows % size:
-            raise ValueError(f"batch of {rows} rows does not split into micro-batches of {size}")
+        if rows % per_example:
+            raise ValueError(f"a batch of {rows} rows is not whole examples of {per_example} rows")
         return [{k: v[i : i + size].to(self.device) for k, v in batch.items()} for i in range(0, rows, size)]
 
     # -------------------------------------------------------------- checkpoints
@@ -164,14 +165,3 @@ class GPTModel:
     def export_hf(self, path: str) -> None:
         """Write a Hugging Face model directory (bf16 weights when training in bf16)."""
         self.engine.export_hf(path)
-
-
-def check_batch_sizes(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
-    """The gradient-accumulation steps; raises if the global batch does not split evenly."""
-    if global_batch_size % (micro_batch_size * dp):
-        raise ValueError(
-            f"model.global_batch_size={global_batch_size} must be a multiple of model.micro_batch_size "
-            f"({micro_batch_size}) x data-parallel size ({dp}) = {micro_batch_size * dp}; e.g. set "
-            f"model.global_batch_size={max(1, round(global_batch_size / (micro_batch_size * dp))) * micro_batch_size * dp}"
-        )
-    return global_batch_size // (micro_batch_size * dp)
