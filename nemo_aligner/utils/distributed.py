@@ -26,11 +26,12 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device_id = current_device() if use_cuda else None  # binds NCCL to this rank's GPU (also for barrier)
     if "RANK" in os.environ:  # launched by torchrun / srun
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
     else:  # left out of os.environ so that child processes do not inherit this group's port
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=timeout)
+                                timeout=timeout, device_id=device_id)
     return current_device()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -35,10 +36,26 @@ def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     total_sq = torch.zeros((), dtype=torch.float32)
     for grads in by_mesh.values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        total_sq = total_sq.to(norm.device) + norm.float() ** 2
+        square = _squared_full_norm(norm) if isinstance(norm, DTensor) else norm.float() ** 2
+        total_sq = total_sq.to(square.device) + square
     return total_sq.sqrt()
+
+
+def _squared_full_norm(norm: DTensor) -> torch.Tensor:
+    """The squared L2 norm behind a DTensor norm, from its local partial norms.
+
+    Summing the squared partials ourselves takes one all-reduce when the partial dims span the
+    whole job (TP x DP), where DTensor's own redistribute runs one per mesh dim (and warns).
+    """
+    mesh = norm.device_mesh
+    partial_dims = [dim for dim, placement in enumerate(norm.placements) if placement.is_partial()]
+    square = norm.to_local().float() ** 2
+    if len(partial_dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        dist.all_reduce(square)
+    else:
+        for dim in partial_dims:
+            dist.all_reduce(square, group=mesh.get_group(dim))
+    return square
 
 
 @torch.no_grad()
