@@ -16,7 +16,8 @@ def _launch(tmp_path, **env: str) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho node-a; echo node-b\n')
+    # many nodes: a reader that stops after the first line would make the stub die of SIGPIPE
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho node-a; for i in $(seq 1 20000); do echo node-$i; done\n')
     for stub in ("srun", "scontrol"):
         (bin_dir / stub).chmod(0o755)
     variables = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",

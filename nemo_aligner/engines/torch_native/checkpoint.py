@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -62,7 +65,8 @@ def export_hf(
     Every rank takes part in gathering the full weights; rank 0 writes into `path.tmp` and renames
     it at the end, so an interrupted export never leaves a directory that looks complete.
     """
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with _quiet_redistribute_notes():
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,6 +85,19 @@ def export_hf(
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_redistribute_notes() -> Iterator[None]:
+    """Gathering FSDP x TP weights (dp-strided, tp-sharded) takes one all-gather per mesh dim, which
+    DTensor logs on every rank as a performance warning; for a one-off export that is expected."""
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _tied_aliases(module: nn.Module) -> set[str]:

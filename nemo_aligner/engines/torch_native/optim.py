@@ -7,6 +7,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from nemo_aligner.config.schema import OptimConfig
@@ -26,36 +27,38 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool) -> torch
 def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     """The L2 norm of all gradients as if unsharded, identical on every rank.
 
-    Parameters live on different meshes (2-D for TP'd weights, dp-only for norms), and DTensor
-    cannot stack norms across meshes, so each mesh's partial norm is completed separately.
+    Each rank sums the squares of its local gradient pieces, grouped by the mesh and the mesh dims
+    the pieces are sharded over (TP'd weights: dp and tp; the rest: dp); one all-reduce per group
+    completes each sum (a DTensor norm would reduce once per mesh dim, and warn about it).
     """
-    by_mesh: dict[object, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[tuple[object, tuple[int, ...]], list[torch.Tensor]] = defaultdict(list)
     for p in params:
-        if p.grad is not None:
-            by_mesh[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
+        grad = p.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            if any(placement.is_partial() for placement in grad.placements):
+                raise RuntimeError(f"a gradient is not reduced yet (placements {grad.placements})")
+            sharded = tuple(dim for dim, placement in enumerate(grad.placements) if placement.is_shard())
+            groups[(grad.device_mesh, sharded)].append(grad.to_local())
+        else:
+            groups[(None, ())].append(grad)
     total_sq = torch.zeros((), dtype=torch.float32)
-    for grads in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        square = _squared_full_norm(norm) if isinstance(norm, DTensor) else norm.float() ** 2
+    for (mesh, sharded), grads in groups.items():
+        square = torch.nn.utils.get_total_norm(grads, norm_type=2.0).float() ** 2
+        if sharded:
+            _sum_over(square, mesh, sharded)  # type: ignore[arg-type]
         total_sq = total_sq.to(square.device) + square
     return total_sq.sqrt()
 
 
-def _squared_full_norm(norm: DTensor) -> torch.Tensor:
-    """The squared L2 norm behind a DTensor norm, from its local partial norms.
-
-    Summing the squared partials ourselves takes one all-reduce when the partial dims span the
-    whole job (TP x DP), where DTensor's own redistribute runs one per mesh dim (and warns).
-    """
-    mesh = norm.device_mesh
-    partial_dims = [dim for dim, placement in enumerate(norm.placements) if placement.is_partial()]
-    square = norm.to_local().float() ** 2
-    if len(partial_dims) == mesh.ndim and mesh.size() == dist.get_world_size():
-        dist.all_reduce(square)
-    else:
-        for dim in partial_dims:
-            dist.all_reduce(square, group=mesh.get_group(dim))
-    return square
+def _sum_over(tensor: torch.Tensor, mesh: DeviceMesh, dims: tuple[int, ...]) -> None:
+    """All-reduce (sum) `tensor` in place over the ranks of `mesh` along `dims`."""
+    if len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        dist.all_reduce(tensor)  # the whole job: one collective
+        return
+    for dim in dims:
+        dist.all_reduce(tensor, group=mesh.get_group(dim))
 
 
 @torch.no_grad()
