@@ -33,7 +33,7 @@ ALLOWED = {
     "algorithms": {"types", "config", "utils", "data", "losses", "models", "servers"},
 }
 # NeMo-Aligner's public names, kept importable from their old module: a facade nothing inside imports.
-FACADES = {"nemo_aligner.utils.utils": {"engines.base", "reference"}}
+FACADES = {"nemo_aligner.utils.utils": ALLOWED["utils"] | {"engines.base", "reference", "models"}}
 
 
 def _module_name(path: pathlib.Path) -> str:

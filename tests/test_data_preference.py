@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from nemo_aligner.data.collate import dpo_custom_collate
+from nemo_aligner.data.collate import pair_collate
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.length_policy import LengthPolicy, LengthStats, fit_prompt
 from nemo_aligner.data.preference import PreferenceDataset
@@ -229,7 +229,7 @@ def _pair(prompt, chosen, rejected, rewards=(1.0, 0.0), as_tensor=False):
 def test_collate_interleaves_pairs_and_masks_responses():
     pairs = [_pair([BOS, 10, 11], [20, EOS], [21, 22, 23, EOS], (2.0, -1.0)),
              _pair([BOS, 12], [24, 25, EOS], [EOS], (0.5, 0.25), as_tensor=True)]
-    batch = dpo_custom_collate(pairs, pad_token_id=PAD)
+    batch = pair_collate(pairs, pad_token_id=PAD)
     rows = [[BOS, 10, 11, 20, EOS], [BOS, 10, 11, 21, 22, 23, EOS], [BOS, 12, 24, 25, EOS], [BOS, 12, EOS]]
     prompt_lens = [3, 3, 2, 2]
     assert batch["input_ids"].shape == (4, 7) and batch["input_ids"].dtype == torch.long
@@ -247,16 +247,16 @@ def test_collate_interleaves_pairs_and_masks_responses():
 
 def test_collate_pads_to_a_multiple():
     pairs = [_pair([BOS, 10], [20, EOS], [21, 22, EOS])]
-    assert dpo_custom_collate(pairs, pad_token_id=PAD, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
-    assert dpo_custom_collate(pairs, pad_token_id=PAD, pad_to_multiple_of=5)["input_ids"].shape == (2, 5)
-    padded = dpo_custom_collate(pairs, pad_token_id=7, pad_to_multiple_of=4)
+    assert pair_collate(pairs, pad_token_id=PAD, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
+    assert pair_collate(pairs, pad_token_id=PAD, pad_to_multiple_of=5)["input_ids"].shape == (2, 5)
+    padded = pair_collate(pairs, pad_token_id=7, pad_to_multiple_of=4)
     assert padded["input_ids"].shape == (2, 8) and padded["input_ids"][0, 4:].tolist() == [7] * 4
     assert padded["attention_mask"].sum().item() == 4 + 5
 
 
 def test_dataset_to_batch(tmp_path, tokenizer):
     data = _dataset(_write(tmp_path, OVERSIZED[:2]), tokenizer, max_seq_length=16)
-    batch = dpo_custom_collate([data[0], data[1]], pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
+    batch = pair_collate([data[0], data[1]], pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
     assert batch["input_ids"].shape == (4, 16)
     assert batch["rewards"].tolist() == [0.75, -0.25, 0.75, -0.25]
     for r in range(4):

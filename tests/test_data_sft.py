@@ -9,7 +9,7 @@ import torch
 from test_data_preference import BOS, EOS, PAD, _ids, _make_tokenizer, _write
 from transformers import PreTrainedTokenizerBase
 
-from nemo_aligner.data.collate import dpo_custom_collate, prompt_collate, sft_collate
+from nemo_aligner.data.collate import pair_collate, prompt_collate, sft_collate
 from nemo_aligner.data.jsonl import DataFormatError
 from nemo_aligner.data.length_policy import LengthPolicy, LengthStats
 from nemo_aligner.data.sft import SFTDataset
@@ -200,7 +200,7 @@ def test_dpo_collate_takes_a_generated_rejected_of_only_eos():
               "rejected_ids": torch.tensor([EOS]), "chosen_reward": 1.0, "rejected_reward": 0.0},
              {"prompt_ids": [BOS, 12], "chosen_ids": [22, EOS], "rejected_ids": [EOS],
               "chosen_reward": 1.0, "rejected_reward": 0.0}]
-    batch = dpo_custom_collate(pairs, pad_token_id=PAD)
+    batch = pair_collate(pairs, pad_token_id=PAD)
     assert batch["input_ids"].tolist() == [[BOS, 10, 11, 20, 21, EOS], [BOS, 10, 11, EOS, PAD, PAD],
                                            [BOS, 12, 22, EOS, PAD, PAD], [BOS, 12, EOS, PAD, PAD, PAD]]
     assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0],
@@ -208,4 +208,4 @@ def test_dpo_collate_takes_a_generated_rejected_of_only_eos():
     assert batch["attention_mask"].sum(dim=1).tolist() == [6, 4, 4, 3]
     assert batch["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="rejected_ids is empty"):
-        dpo_custom_collate([{**pairs[1], "rejected_ids": []}], pad_token_id=PAD)
+        pair_collate([{**pairs[1], "rejected_ids": []}], pad_token_id=PAD)

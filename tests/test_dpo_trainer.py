@@ -50,8 +50,8 @@ def _trainer(cfg: DPOJobConfig, seen: list[list[int]]) -> DPOTrainer:
     val = build_preference_loader(data.data_prefix.validation, shuffle=False, **loader_args(policy, cfg.model))
     take = train.sampler.next_batch
     train.sampler.next_batch = lambda: seen.append(take()) or seen[-1]  # record what each step trained on
-    return DPOTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.dpo, exp=cfg.exp_manager,
-                      log_every_n_steps=1, config_dict={})
+    return DPOTrainer(model=policy, train_dataloader=train, val_dataloader=val, cfg=cfg.trainer.dpo, exp_manager=cfg.exp_manager,
+                      log_every_n_steps=1, config={})
 
 
 def _losses(log_dir: str) -> list[tuple[int, float]]:
@@ -102,7 +102,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(llama_dir: str, prefere
 def test_nan_loss_stops_with_step_and_batch_and_saves_nothing(llama_dir: str, preference_file: str, tmp_path) -> None:
     log_dir = str(tmp_path / "nan")
     trainer = _trainer(_config(llama_dir, preference_file, log_dir, save_interval=1), [])
-    real = trainer.policy.reference_logprobs
+    real = trainer.model.reference_logprobs
     calls = {"n": 0}
 
     def poisoned(batch: dict) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_nan_loss_stops_with_step_and_batch_and_saves_nothing(llama_dir: str, pr
         out = real(batch)
         return out * float("nan") if calls["n"] == 3 else out
 
-    trainer.policy.reference_logprobs = poisoned
+    trainer.model.reference_logprobs = poisoned
     with pytest.raises(NonFiniteLossError, match=r"dpo step 3 \(epoch 0, this rank's dataset indices \[\d+"):
         trainer.fit()
     checkpoints = sorted(d for d in os.listdir(os.path.join(log_dir, "checkpoints")) if d.startswith("step_"))

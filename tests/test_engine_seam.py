@@ -56,8 +56,8 @@ def _dpo(model_dir: str, data: str, log_dir: str, engine: str) -> DPOTrainer:
     cfg = load_config(DPOJobConfig, raw)
     policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     loader = lambda shuffle: build_preference_loader(data, shuffle=shuffle, **loader_args(policy, cfg.model))  # noqa: E731
-    return DPOTrainer(policy=policy, train_data=loader(True), val_data=loader(False), loop=cfg.trainer.dpo,
-                      exp=cfg.exp_manager, log_every_n_steps=1, config_dict={})
+    return DPOTrainer(model=policy, train_dataloader=loader(True), val_dataloader=loader(False), cfg=cfg.trainer.dpo,
+                      exp_manager=cfg.exp_manager, log_every_n_steps=1, config={})
 
 
 def _spin(model_dir: str, data: str, log_dir: str, engine: str) -> SPINTrainer:
@@ -70,8 +70,8 @@ def _spin(model_dir: str, data: str, log_dir: str, engine: str) -> SPINTrainer:
     policy = GPTSPINModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     train = build_sft_loader(data, response_budget=4, shuffle=True, collate=False, **loader_args(policy, cfg.model))
     val = build_sft_loader(data, response_budget=0, shuffle=False, collate=True, **loader_args(policy, cfg.model))
-    return SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
-                       log_every_n_steps=1, config_dict={})
+    return SPINTrainer(model=policy, train_dataloader=train, val_dataloader=val, cfg=cfg.trainer.spin, exp_manager=cfg.exp_manager,
+                       log_every_n_steps=1, config={})
 
 
 def digit_reward(prompt: str, response: str) -> float:
@@ -91,8 +91,8 @@ def _rs(model_dir: str, data: str, log_dir: str, engine: str) -> RSTrainer:
     policy = GPTRSActor(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     loader = lambda shuffle: build_prompt_loader(data, prompts_per_step=4, response_budget=4, shuffle=shuffle,  # noqa: E731
                                                  **loader_args(policy, cfg.model, global_batch=False))
-    return RSTrainer(policy=policy, train_data=loader(True), val_data=loader(False), loop=cfg.trainer.rs,
-                     exp=cfg.exp_manager, log_every_n_steps=1, config_dict={}, reward=FunctionReward(digit_reward),
+    return RSTrainer(model=policy, train_dataloader=loader(True), val_dataloader=loader(False), cfg=cfg.trainer.rs,
+                     exp_manager=cfg.exp_manager, log_every_n_steps=1, config={}, reward=FunctionReward(digit_reward),
                      rs=cfg.model.rs)
 
 
@@ -128,7 +128,7 @@ def test_algorithms_give_the_same_metrics_on_the_plain_engine(algorithm: str, ll
     for engine in ("torch_native", "plain"):
         logs[engine] = str(tmp_path / engine)
         trainer = build(llama_dir, data_files[algorithm], logs[engine], engine)
-        assert type(trainer.policy.engine).__name__ == {"plain": "PlainEngine", "torch_native": "TorchNativeEngine"}[engine]
+        assert type(trainer.model.engine).__name__ == {"plain": "PlainEngine", "torch_native": "TorchNativeEngine"}[engine]
         trainer.fit()
     plain, native = _records(logs["plain"]), _records(logs["torch_native"])
     assert len([r for r in plain if r["split"] == "train"]) >= 3

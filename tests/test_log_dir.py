@@ -32,8 +32,8 @@ def _run(model_dir: str, data: str, log_dir: str, *, die_at: int | None = None, 
     cfg = OmegaConf.to_object(raw)
     policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
     loader = lambda shuffle: build_preference_loader(data, shuffle=shuffle, **loader_args(policy, cfg.model))  # noqa: E731
-    trainer = DPOTrainer(policy=policy, train_data=loader(True), val_data=loader(False), loop=cfg.trainer.dpo,
-                         exp=cfg.exp_manager, log_every_n_steps=1, config_dict=OmegaConf.to_container(raw))
+    trainer = DPOTrainer(model=policy, train_dataloader=loader(True), val_dataloader=loader(False), cfg=cfg.trainer.dpo,
+                         exp_manager=cfg.exp_manager, log_every_n_steps=1, config=OmegaConf.to_container(raw))
     if die_at is not None:
         real = trainer.train_step
 

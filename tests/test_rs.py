@@ -65,8 +65,8 @@ def _trainer(cfg: RSJobConfig, reward=FunctionReward(length_reward)) -> RSTraine
     loader = lambda n, shuffle: build_prompt_loader(data.data_prefix.train, prompts_per_step=n,  # noqa: E731
                                                     response_budget=rs.length_params.max_length, shuffle=shuffle,
                                                     **loader_args(policy, cfg.model, global_batch=False))
-    return RSTrainer(policy=policy, train_data=loader(rs.num_rollout_samples, True), val_data=loader(rs.num_val_samples, False),
-                     loop=cfg.trainer.rs, exp=cfg.exp_manager, log_every_n_steps=1, config_dict={}, reward=reward, rs=rs)
+    return RSTrainer(model=policy, train_dataloader=loader(rs.num_rollout_samples, True), val_dataloader=loader(rs.num_val_samples, False),
+                     cfg=cfg.trainer.rs, exp_manager=cfg.exp_manager, log_every_n_steps=1, config={}, reward=reward, rs=rs)
 
 
 def test_select_top_n_per_row_with_ties() -> None:
@@ -77,13 +77,13 @@ def test_select_top_n_per_row_with_ties() -> None:
 
 def test_kept_rollouts_come_from_each_rows_own_generations_with_duplicate_prompts(llama_dir: str, prompt_file: str, tmp_path) -> None:
     trainer = _trainer(_config(llama_dir, prompt_file, str(tmp_path / "run")))
-    trainer.policy.setup_optimizer(max_steps=1)
+    trainer.model.setup_optimizer(max_steps=1)
     same = {"prompt_ids": torch.tensor([1, 5, 6]), "prompt_text": "5+6="}
     batch = [same, dict(same), {"prompt_ids": torch.tensor([1, 7]), "prompt_text": "7="}, dict(same)]
     # rollout j of row i is the token sequence [10 + i, 20 + j]; its reward prefers a row-specific j
-    trainer.policy.generate_rollouts = lambda prompts, k: [torch.tensor([10 + i, 20 + j]) for i in range(len(prompts)) for j in range(k)]
+    trainer.model.generate_rollouts = lambda prompts, k: [torch.tensor([10 + i, 20 + j]) for i in range(len(prompts)) for j in range(k)]
     preferred = {0: 2, 1: 0, 2: 1, 3: 1}
-    trainer.policy.tokenizer.batch_decode = lambda seqs, skip_special_tokens: [f"{int(s[0])} {int(s[1])}" for s in seqs]
+    trainer.model.tokenizer.batch_decode = lambda seqs, skip_special_tokens: [f"{int(s[0])} {int(s[1])}" for s in seqs]
 
     def reward(prompts, responses):
         rows = [(int(r.split()[0]) - 10, int(r.split()[1]) - 20) for r in responses]
@@ -136,7 +136,7 @@ def test_resume_equals_uninterrupted_run(llama_dir: str, prompt_file: str, tmp_p
     for a, b in zip(records(killed), records(straight)):
         for key in ("loss", "reward_mean", "kept_reward_mean", "lr", "consumed_samples"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
-    assert resumed.policy.engine.scheduler.last_epoch == 8 * resumed.updates_per_step
+    assert resumed.model.engine.scheduler.last_epoch == 8 * resumed.updates_per_step
     rollouts = [json.loads(line) for line in open(os.path.join(straight, "rollouts.jsonl"))]
     assert len(rollouts) == 8 * 2 and {"prompt", "response", "reward", "step"} <= rollouts[0].keys()
 

@@ -56,8 +56,8 @@ def _trainer(cfg: SPINJobConfig, **kwargs: object) -> SPINTrainer:
                              **loader_args(policy, cfg.model))
     val = build_sft_loader(data.validation_ds.file_path, response_budget=0, shuffle=False, collate=True,
                            **loader_args(policy, cfg.model))
-    return SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
-                       log_every_n_steps=1, config_dict={}, **kwargs)
+    return SPINTrainer(model=policy, train_dataloader=train, val_dataloader=val, cfg=cfg.trainer.spin, exp_manager=cfg.exp_manager,
+                       log_every_n_steps=1, config={}, **kwargs)
 
 
 def test_spin_loss_against_hand_computed_values() -> None:
@@ -81,14 +81,14 @@ def test_spin_loss_against_hand_computed_values() -> None:
 def test_reference_changes_exactly_at_iteration_boundaries_and_beta_follows(llama_dir: str, sft_file: str, tmp_path) -> None:
     cfg = _config(llama_dir, sft_file, str(tmp_path / "run"))
     trainer = _trainer(cfg)
-    probe = trainer.val_data.first_batches(1)[0]
+    probe = trainer.val_dataloader.first_batches(1)[0]
     reference_logprobs, policy_logprobs = [], []
     after = trainer.after_train_step
 
     def record() -> None:
         after()
-        reference_logprobs.append(trainer.policy.reference_logprobs(probe))
-        policy_logprobs.append(trainer.policy.get_logprobs(probe))
+        reference_logprobs.append(trainer.model.reference_logprobs(probe))
+        policy_logprobs.append(trainer.model.get_logprobs(probe))
 
     trainer.after_train_step = record
     trainer.fit()
@@ -106,7 +106,7 @@ def test_reference_changes_exactly_at_iteration_boundaries_and_beta_follows(llam
 
 def test_greedy_generation_equals_a_step_by_step_transformers_decode(llama_dir: str, sft_file: str, tmp_path) -> None:
     trainer = _trainer(_config(llama_dir, sft_file, str(tmp_path / "run"), greedy=True))
-    policy = trainer.policy
+    policy = trainer.model
     policy.setup_optimizer(max_steps=1)
     prompts = [torch.tensor([1, 5, 9, 13, 4]), torch.tensor([1, 30]), torch.tensor([1, 7, 7, 40, 41, 42, 3])]
     ours = policy.generate_rejected(prompts)
@@ -127,7 +127,7 @@ def test_greedy_generation_equals_a_step_by_step_transformers_decode(llama_dir: 
 def test_generation_offloads_and_restores_optimizer_state_exactly(llama_dir: str, sft_file: str, tmp_path) -> None:
     trainer = _trainer(_config(llama_dir, sft_file, str(tmp_path / "run"), max_steps=1))
     trainer.fit()  # one step: the optimizer has state
-    policy = trainer.policy
+    policy = trainer.model
     states = [v.to_local() if hasattr(v, "to_local") else v for s in policy.engine.optimizer.state.values() for v in s.values()]
     before = [t.clone() for t in states]
     seen_sizes = []

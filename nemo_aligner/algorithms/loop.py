@@ -11,10 +11,11 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from tqdm import tqdm
 
+from nemo_aligner.config.loader import load_config
 from nemo_aligner.config.schema import ExpManagerConfig, LoopConfig, resolve_count
 from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
@@ -49,25 +50,57 @@ class BaseTrainer:
     """Runs `train_step` until max_steps, with validation, checkpoints and logging around it."""
 
     algorithm = "base"
+    loop_config: type[LoopConfig] = LoopConfig  # the schema of `cfg` (each algorithm's own section)
 
-    def __init__(self, *, policy: GPTModel, train_data: StepDataLoader, val_data: StepDataLoader | None,
-                 loop: LoopConfig, exp: ExpManagerConfig, log_every_n_steps: int, config_dict: Mapping[str, Any]) -> None:
-        self.policy, self.train_data, self.val_data = policy, train_data, val_data
-        self.loop, self.exp, self.log_every_n_steps = loop, exp, log_every_n_steps
+    def __init__(self, *, cfg: LoopConfig | Mapping[str, Any], model: GPTModel, train_dataloader: StepDataLoader,
+                 val_dataloader: StepDataLoader | None, exp_manager: ExpManagerConfig | Mapping[str, Any] | None = None,
+                 log_every_n_steps: int = 10, config: Mapping[str, Any] | None = None,
+                 test_dataloader: StepDataLoader | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
+                 optimizer: None = None, scheduler: None = None, logger: None = None, ckpt_callback: None = None,
+                 run_timer: None = None) -> None:
+        """The keyword names are NeMo-Aligner's (`DPOTrainer(cfg=cfg.trainer.dpo, model=..., ...)`).
+
+        Args:
+            cfg: this algorithm's loop section (trainer.dpo / .spin / .rs): its schema or a mapping.
+            model: the policy.
+            train_dataloader, val_dataloader, test_dataloader: loaders from nemo_aligner.data.builders
+                (test_dataloader is kept, not used, as in NeMo-Aligner).
+            exp_manager: where logs and checkpoints go (the exp_manager section; default: its schema's
+                defaults); it does what NeMo's logger and checkpoint callback do.
+            log_every_n_steps: a metric line in the log every N steps.
+            config: the job's whole config, written as <log_dir>/config.yaml (and to W&B).
+            collate_fn: turns a batch's examples into the model's batch, replacing the loaders' own.
+            optimizer, scheduler, logger, ckpt_callback, run_timer: NeMo-Aligner's Lightning-era
+                objects; here the engine builds the optimizer and schedule, exp_manager drives logging
+                and checkpoints, and max_steps bounds a run, so each must be None.
+        """
+        _check_none(optimizer=optimizer, scheduler=scheduler, logger=logger, ckpt_callback=ckpt_callback,
+                    run_timer=run_timer)
+        loop = cfg if isinstance(cfg, self.loop_config) else load_config(self.loop_config, cfg)
+        exp = exp_manager if isinstance(exp_manager, ExpManagerConfig) else load_config(ExpManagerConfig, exp_manager or {})
+        if collate_fn is not None:
+            for loader in (train_dataloader, val_dataloader, test_dataloader):
+                if loader is not None:
+                    loader.collate = collate_fn
+        self.model, self.train_dataloader, self.val_dataloader = model, train_dataloader, val_dataloader
+        self.test_dataloader = test_dataloader
+        self.cfg, self.exp_manager, self.log_every_n_steps = loop, exp, log_every_n_steps
         self.state = TrainerState()
-        per_epoch = train_data.sampler.batches_per_epoch
+        per_epoch = train_dataloader.sampler.batches_per_epoch
         epochs_steps = loop.max_epochs * per_epoch
         self.max_steps = epochs_steps if loop.max_steps == -1 else min(loop.max_steps, epochs_steps)
         self.val_interval = resolve_count(loop.val_check_interval, per_epoch)
-        self.val_batches = 0 if val_data is None else resolve_count(loop.limit_val_batches, val_data.sampler.batches_per_epoch)
+        self.val_batches = 0 if val_dataloader is None else resolve_count(loop.limit_val_batches,
+                                                                          val_dataloader.sampler.batches_per_epoch)
         self.log_dir = exp.explicit_log_dir
         ckpt = exp.checkpoint_callback_params
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, CHECKPOINTS), save_top_k=ckpt.save_top_k,
                                              monitor=ckpt.monitor, mode=ckpt.mode)
         # The first write to the log directory: everything above (and the caller's data) is validated.
-        self.start = start_run(self.log_dir, resume_if_exists=exp.resume_if_exists, config=config_dict)
+        config = dict(config or {})
+        self.start = start_run(self.log_dir, resume_if_exists=exp.resume_if_exists, config=config)
         self.metrics = MetricsLogger(self.log_dir, tensorboard=exp.create_tensorboard_logger, wandb=exp.create_wandb_logger,
-                                     wandb_kwargs=asdict(exp.wandb_logger_kwargs), config=config_dict)
+                                     wandb_kwargs=asdict(exp.wandb_logger_kwargs), config=config)
         self.last_val: dict[str, float] = {}
 
     # --------------------------------------------------------------- to supply
@@ -86,7 +119,7 @@ class BaseTrainer:
 
     def statefuls(self) -> dict[str, Stateful]:
         """Small state a checkpoint restores (rank 0's copy); algorithms may add entries."""
-        return {"policy": self.policy, "train_data": self.train_data, "trainer": self.state}
+        return {"policy": self.model, "train_data": self.train_dataloader, "trainer": self.state}
 
     def sharded_statefuls(self) -> dict[str, ShardedSaveable]:
         """Sharded state beyond the policy's weights and optimizer (SPIN: its reference weights)."""
@@ -101,11 +134,11 @@ class BaseTrainer:
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
         """Train to max_steps (resuming first if a checkpoint exists); returns the last val metrics."""
-        self.policy.setup_optimizer(max_steps=self.optimizer_steps())
+        self.model.setup_optimizer(max_steps=self.optimizer_steps())
         if self.start.resume_from is not None:
-            self.checkpoints.load(self.start.resume_from, self.policy, self.statefuls(), self.sharded_statefuls())
+            self.checkpoints.load(self.start.resume_from, self.model, self.statefuls(), self.sharded_statefuls())
         log_rank0(logger, "%s: %d steps (%d per epoch), validation every %d steps on %d batches, resuming at step %d",
-                  self.algorithm, self.max_steps, self.train_data.sampler.batches_per_epoch, self.val_interval,
+                  self.algorithm, self.max_steps, self.train_dataloader.sampler.batches_per_epoch, self.val_interval,
                   self.val_batches, self.state.step)
         bar = tqdm(total=self.max_steps, initial=self.state.step, desc=self.algorithm, unit="step",
                    disable=not is_rank0(), dynamic_ncols=True)
@@ -120,37 +153,39 @@ class BaseTrainer:
                 log_rank0(logger, "step %d: %s", step, _fmt(metrics))
             if step % self.val_interval == 0 or step == self.max_steps:
                 self.run_validation()
-            if step % self.loop.save_interval == 0 or step == self.max_steps:
+            if step % self.cfg.save_interval == 0 or step == self.max_steps:
                 self.save()
         bar.close()
-        if self.exp.checkpoint_callback_params.save_nemo_on_train_end:
-            self.policy.export_hf(os.path.join(self.log_dir, "hf_model"))
+        if self.exp_manager.checkpoint_callback_params.save_nemo_on_train_end:
+            self.model.export_hf(os.path.join(self.log_dir, "hf_model"))
             log_rank0(logger, "exported the trained policy to %s", os.path.join(self.log_dir, "hf_model"))
         self.metrics.close()
         return self.last_val
 
     def _run_train_step(self) -> dict[str, float]:
-        batch, indices = self.train_data.next_batch()
+        batch, indices = self.train_dataloader.next_batch()
         start = time.perf_counter()
         try:
             metrics = self.train_step(batch)
         except FloatingPointError as err:
             raise NonFiniteLossError(
-                f"{self.algorithm} step {self.state.step + 1} (epoch {self.train_data.sampler.epoch}, this rank's "
+                f"{self.algorithm} step {self.state.step + 1} (epoch {self.train_dataloader.sampler.epoch}, this rank's "
                 f"dataset indices {indices}): {err}; stopping without saving"
             ) from err
         elapsed = time.perf_counter() - start
         self.state.step += 1
         metrics.update(step_time=elapsed, tokens_per_sec=metrics.pop("num_tokens") / elapsed,
-                       consumed_samples=self.train_data.sampler.consumed_samples, epoch=self.train_data.sampler.epoch)
+                       consumed_samples=self.train_dataloader.sampler.consumed_samples, epoch=self.train_dataloader.sampler.epoch)
         self.metrics.log("train", metrics, self.state.step)
         return metrics
 
-    def run_validation(self) -> dict[str, float]:
-        if self.val_data is None:
-            return {}
+    def run_validation(self) -> tuple[float | None, dict[str, float]]:
+        """Validate on the first limit_val_batches batches; returns (loss, metrics) as NeMo-Aligner's
+        trainers do (loss: metrics["loss"], None for an algorithm whose validation has no loss)."""
+        if self.val_dataloader is None:
+            return None, {}
         totals: dict[str, float] = {}
-        batches = self.val_data.first_batches(self.val_batches)
+        batches = self.val_dataloader.first_batches(self.val_batches)
         for batch in batches:
             metrics = self.validation_step(batch)
             metrics.pop("num_tokens")
@@ -159,10 +194,10 @@ class BaseTrainer:
         self.last_val = totals
         self.metrics.log("val", totals, self.state.step)
         log_rank0(logger, "validation at step %d: %s", self.state.step, _fmt(totals))
-        return totals
+        return totals.get("loss"), totals
 
     def save(self) -> None:
-        monitor = self.exp.checkpoint_callback_params.monitor
+        monitor = self.exp_manager.checkpoint_callback_params.monitor
         metric = None
         if self.last_val:
             key = monitor.removeprefix("val_")
@@ -170,10 +205,24 @@ class BaseTrainer:
                 raise ValueError(f"exp_manager.checkpoint_callback_params.monitor={monitor!r} is not a validation "
                                  f"metric; available: {sorted('val_' + k for k in self.last_val)}")
             metric = self.last_val[key]
-        sampler = self.train_data.sampler
-        self.checkpoints.save(self.state.step, self.policy, self.statefuls(),
+        sampler = self.train_dataloader.sampler
+        self.checkpoints.save(self.state.step, self.model, self.statefuls(),
                               {"epoch": sampler.epoch, "consumed_samples": sampler.consumed_samples}, metric=metric,
                               sharded_extras=self.sharded_statefuls())
+
+
+def _check_none(**arguments: object) -> None:
+    """NeMo-Aligner's trainer arguments that have no counterpart object here must be None."""
+    instead = {
+        "optimizer": "the model's engine builds AdamW from model.optim when fit() starts",
+        "scheduler": "the model's engine builds the LR schedule from model.optim.sched when fit() starts",
+        "logger": "metrics go to <exp_manager.explicit_log_dir>/metrics.jsonl, TensorBoard and W&B as exp_manager says",
+        "ckpt_callback": "checkpoints follow exp_manager.checkpoint_callback_params",
+        "run_timer": "there is no wall-clock limit; bound the run with the loop's max_steps",
+    }
+    for name, value in arguments.items():
+        if value is not None:
+            raise ValueError(f"{name}={type(value).__name__} is not supported: {instead[name]}; pass {name}=None")
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

@@ -26,14 +26,15 @@ class SPINTrainer(BaseTrainer):
     """
 
     algorithm = "spin"
-    policy: GPTSPINModel
-    loop: SPINLoopConfig
+    model: GPTSPINModel
+    cfg: SPINLoopConfig
+    loop_config = SPINLoopConfig
 
     def __init__(self, *, iteration_callback: Callable[[int, GPTSPINModel], Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.steps_per_iteration = self.loop.max_epochs * self.train_data.sampler.batches_per_epoch
-        total = self.loop.max_iterations * self.steps_per_iteration
-        self.max_steps = total if self.loop.max_steps == -1 else min(self.loop.max_steps, total)
+        self.steps_per_iteration = self.cfg.max_epochs * self.train_dataloader.sampler.batches_per_epoch
+        total = self.cfg.max_iterations * self.steps_per_iteration
+        self.max_steps = total if self.cfg.max_steps == -1 else min(self.cfg.max_steps, total)
         self.iteration_callback = iteration_callback
 
     @property
@@ -42,28 +43,28 @@ class SPINTrainer(BaseTrainer):
         return self.state.step // self.steps_per_iteration
 
     def sharded_statefuls(self) -> dict[str, ShardedSaveable]:
-        return {"reference": self.policy.reference}
+        return {"reference": self.model.reference}
 
     def before_train_step(self) -> None:
-        self.policy.set_KL_penalty_by_iteration(self.iteration)
+        self.model.set_KL_penalty_by_iteration(self.iteration)
 
     def after_train_step(self) -> None:
         if self.state.step % self.steps_per_iteration == 0:
             finished = self.state.step // self.steps_per_iteration - 1
-            self.policy.update_reference_policy()
+            self.model.update_reference_policy()
             log_rank0(logger, "spin iteration %d finished at step %d: the reference is now the current policy",
                       finished, self.state.step)
             if self.iteration_callback is not None:
-                self.iteration_callback(finished, self.policy)
+                self.iteration_callback(finished, self.model)
 
     def train_step(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         prompts, actual = [ex["prompt_ids"] for ex in batch], [ex["response_ids"] for ex in batch]
-        generated = self.policy.generate_rejected(prompts)
-        metrics = self.policy.loss_and_metrics(self.policy.pair_batch(prompts, actual, generated))
-        grad_norm, lr = self.policy.optimizer_step(self.loop.gradient_clip_val)
-        return {**metrics, "grad_norm": grad_norm, "lr": lr, "kl_penalty": self.policy.kl_penalty,
-                "generated_length_mean": self.policy.global_mean(torch.tensor([float(len(g)) for g in generated])),
+        generated = self.model.generate_rejected(prompts)
+        metrics = self.model.loss_and_metrics(self.model.pair_batch(prompts, actual, generated))
+        grad_norm, lr = self.model.optimizer_step(self.cfg.gradient_clip_val)
+        return {**metrics, "grad_norm": grad_norm, "lr": lr, "kl_penalty": self.model.kl_penalty,
+                "generated_length_mean": self.model.global_mean(torch.tensor([float(len(g)) for g in generated])),
                 "iteration": float(self.iteration)}
 
     def validation_step(self, batch: Batch) -> dict[str, float]:
-        return self.policy.sft_metrics(batch)
+        return self.model.sft_metrics(batch)

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nemo_aligner.config.dpo import PreferenceDataConfig
 from nemo_aligner.config.schema import DataLoadingConfig
-from nemo_aligner.data.collate import dpo_custom_collate, sft_collate
+from nemo_aligner.data.collate import pair_collate, sft_collate
 from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.data.preference import PreferenceDataset
 from nemo_aligner.data.prompts import PromptDataset
@@ -33,7 +33,7 @@ def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data:
     dataset = PreferenceDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
                                 default_chosen_reward=data.default_chosen_reward,
                                 default_rejected_reward=data.default_rejected_reward)
-    collate = functools.partial(dpo_custom_collate, pad_token_id=tokenizer.pad_token_id,
+    collate = functools.partial(pair_collate, pad_token_id=tokenizer.pad_token_id,
                                 pad_to_multiple_of=data.pad_to_multiple_of)
     return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, seed=data.seed,
                    shuffle=shuffle, collate=collate)

@@ -17,7 +17,7 @@ TokenIds = Sequence[int] | torch.Tensor
 """Token ids: a list of ints or a 1-D integer tensor."""
 
 
-def dpo_custom_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: int,
+def pair_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: int,
                        pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Stacks preference pairs into the pair layout (nemo_aligner/types.py), right-padded.
 
@@ -47,7 +47,7 @@ def dpo_custom_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: i
             rows.append(_row(example["prompt_ids"], response_ids, side))
             rewards.append(float(reward))
     batch = _right_padded(rows, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
-                          caller="dpo_custom_collate")
+                          caller="pair_collate")
     batch["rewards"] = torch.tensor(rewards, dtype=torch.float32)
     return batch
 

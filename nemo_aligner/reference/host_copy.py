@@ -60,6 +60,18 @@ class HostCopyReference:
         finally:
             self._active = False
 
+    def set_weights(self, weights: HostWeights) -> None:
+        """Make `weights` (this rank's local pieces, by name, as host_copy_of_weights gives) the
+        reference; copied into the existing host buffers after names and shapes are checked."""
+        if weights.keys() != self.weights.keys():
+            missing, extra = sorted(self.weights.keys() - weights.keys()), sorted(weights.keys() - self.weights.keys())
+            raise KeyError(f"reference weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, buffer in self.weights.items():
+            if buffer.shape != weights[name].shape:
+                raise ValueError(f"reference weight {name}: shape {tuple(weights[name].shape)} != {tuple(buffer.shape)}")
+        for name, buffer in self.weights.items():
+            buffer.copy_(weights[name])
+
     def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         with self.active():
             return self.engine.logprobs(micro_batches)

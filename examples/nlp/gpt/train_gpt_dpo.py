@@ -38,9 +38,9 @@ def main(raw: DictConfig) -> None:
     val = loader(data.data_prefix.validation, shuffle=False)
     task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
     # Every input is validated: the trainer prepares the log directory (utils/log_dir.py).
-    trainer = DPOTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.dpo, exp=cfg.exp_manager,
-                         log_every_n_steps=cfg.trainer.log_every_n_steps,
-                         config_dict=OmegaConf.to_container(raw, resolve=True))
+    trainer = DPOTrainer(cfg=cfg.trainer.dpo, model=policy, train_dataloader=train, val_dataloader=val,
+                         exp_manager=cfg.exp_manager, log_every_n_steps=cfg.trainer.log_every_n_steps,
+                         config=OmegaConf.to_container(raw, resolve=True))
     if task_eval:
         report_task_eval(task_eval(policy), "before training")
     trainer.fit()

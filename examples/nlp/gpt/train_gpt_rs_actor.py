@@ -42,9 +42,9 @@ def main(raw: DictConfig) -> None:
     reward = build_reward(cfg.reward, cfg.remote_rm, policy.model_parallel_group)
     task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
     # Every input is validated: the trainer prepares the log directory (utils/log_dir.py).
-    trainer = RSTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.rs, exp=cfg.exp_manager,
-                        log_every_n_steps=cfg.trainer.log_every_n_steps, reward=reward, rs=rs,
-                        config_dict=OmegaConf.to_container(raw, resolve=True))
+    trainer = RSTrainer(cfg=cfg.trainer.rs, model=policy, train_dataloader=train, val_dataloader=val,
+                        exp_manager=cfg.exp_manager, log_every_n_steps=cfg.trainer.log_every_n_steps, reward=reward, rs=rs,
+                        config=OmegaConf.to_container(raw, resolve=True))
     if task_eval:
         report_task_eval(task_eval(policy), "before training")
     trainer.fit()

@@ -44,9 +44,9 @@ def main(raw: DictConfig) -> None:
         report_task_eval(task_eval(model), f"after iteration {iteration}")
 
     # Every input is validated: the trainer prepares the log directory (utils/log_dir.py).
-    trainer = SPINTrainer(policy=policy, train_data=train, val_data=val, loop=cfg.trainer.spin, exp=cfg.exp_manager,
-                          log_every_n_steps=cfg.trainer.log_every_n_steps,
-                          config_dict=OmegaConf.to_container(raw, resolve=True),
+    trainer = SPINTrainer(cfg=cfg.trainer.spin, model=policy, train_dataloader=train, val_dataloader=val,
+                          exp_manager=cfg.exp_manager, log_every_n_steps=cfg.trainer.log_every_n_steps,
+                          config=OmegaConf.to_container(raw, resolve=True),
                           iteration_callback=report if task_eval else None)
     if task_eval:
         report_task_eval(task_eval(policy), "before training")

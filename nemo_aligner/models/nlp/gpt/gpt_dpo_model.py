@@ -34,6 +34,7 @@ class GPTDPOModel(GPTModel):
     """DPO / IPO / RPO policy. micro_batch_size and global_batch_size count pairs."""
 
     rows_per_example = ROWS_PER_PAIR
+    config_class = DPOModelConfig
 
     def __init__(self, cfg: DPOModelConfig, pretrained: PretrainedCheckpointConfig, trainer: TrainerConfig) -> None:
         self.loss_fn = build_dpo_loss_fn(cfg.dpo)  # checks the loss name before anything is built

@@ -36,6 +36,7 @@ class GPTModel:
     """
 
     rows_per_example = 1
+    config_class: type[ModelConfig] = ModelConfig  # the schema of `cfg` (the `model` section)
 
     def __init__(self, cfg: ModelConfig, pretrained: PretrainedCheckpointConfig, trainer: TrainerConfig) -> None:
         self.cfg = cfg

@@ -21,6 +21,8 @@ from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 class GPTRSActor(GPTModel):
     """Rejection-sampling actor; micro/global batch sizes count kept sequences."""
 
+    config_class = RSModelConfig
+
     def __init__(self, cfg: RSModelConfig, pretrained: PretrainedCheckpointConfig, trainer: TrainerConfig) -> None:
         super().__init__(cfg, pretrained, trainer)
         self.rs = cfg.rs
@@ -38,9 +40,10 @@ class GPTRSActor(GPTModel):
         return sft_collate([{"prompt_ids": p, "response_ids": r} for p, r in sequences],
                            pad_token_id=self.tokenizer.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def loss_and_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Forward/backward of the mean over all ranks' sequences of each one's token-mean NLL;
+    def loss_and_metrics(self, batch: dict[str, torch.Tensor], *, forward_only: bool = False) -> dict[str, float]:
+        """Forward(/backward) of the mean over all ranks' sequences of each one's token-mean NLL;
         returns the reduced `loss` and `num_tokens`."""
         global_sequences = self.global_sum(torch.tensor(float(batch["input_ids"].shape[0])))
-        sums = self.forward_backward(batch, functools.partial(sequence_mean_nll_loss_fn, global_sequences=global_sequences))
+        sums = self.forward_backward(batch, functools.partial(sequence_mean_nll_loss_fn, global_sequences=global_sequences),
+                                     forward_only=forward_only)
         return {name: value.item() for name, value in sums.items()}

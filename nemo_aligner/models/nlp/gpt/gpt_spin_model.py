@@ -13,7 +13,7 @@ import torch
 
 from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.config.spin import SPINModelConfig
-from nemo_aligner.data.collate import dpo_custom_collate
+from nemo_aligner.data.collate import pair_collate
 from nemo_aligner.losses.reward_metrics import finalize_reward_metrics
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.losses.spin import spin_loss_fn
@@ -26,6 +26,7 @@ class GPTSPINModel(GPTModel):
     """SPIN policy; micro_batch_size and global_batch_size count prompts (pairs)."""
 
     rows_per_example = ROWS_PER_PAIR
+    config_class = SPINModelConfig
 
     def __init__(self, cfg: SPINModelConfig, pretrained: PretrainedCheckpointConfig, trainer: TrainerConfig) -> None:
         super().__init__(cfg, pretrained, trainer)
@@ -62,22 +63,22 @@ class GPTSPINModel(GPTModel):
     def pair_batch(self, prompts: list[torch.Tensor], actual: list[torch.Tensor],
                    generated: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The pair-layout batch of each prompt with its ground-truth (chosen) and generated (rejected) response."""
-        return dpo_custom_collate(
+        return pair_collate(
             [{"prompt_ids": p, "chosen_ids": a, "rejected_ids": g, "chosen_reward": 1.0, "rejected_reward": 0.0}
              for p, a, g in zip(prompts, actual, generated)],
             pad_token_id=self.tokenizer.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def loss_and_metrics(self, pairs: Batch) -> dict[str, float]:
-        """Forward/backward of the SPIN loss on a pair batch; reduced metrics."""
+    def loss_and_metrics(self, pairs: Batch, *, forward_only: bool = False) -> dict[str, float]:
+        """Forward(/backward) of the SPIN loss on a pair batch; reduced metrics."""
         pairs = {**pairs, "ref_logprobs": self.reference_logprobs(pairs)}
         global_pairs = self.global_sum(torch.tensor(pairs["input_ids"].shape[0] // ROWS_PER_PAIR, dtype=torch.float32))
         loss_fn = functools.partial(spin_loss_fn, beta=self.kl_penalty, global_pairs=global_pairs)
-        return finalize_reward_metrics(self.forward_backward(pairs, loss_fn))
+        return finalize_reward_metrics(self.forward_backward(pairs, loss_fn, forward_only=forward_only))
 
-    def sft_metrics(self, batch: Batch) -> dict[str, float]:
+    def sft_metrics(self, batch: Batch, *, forward_only: bool = True) -> dict[str, float]:
         """Validation: the token-mean NLL of the ground-truth responses (no generation); an example
         of this SFT batch is one row (a prompt and its response), not a pair."""
         tokens = self.global_sum(batch["loss_mask"][:, 1:].sum())
-        sums = self.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=tokens), forward_only=True,
-                                     rows_per_example=1)
+        sums = self.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=tokens),
+                                     forward_only=forward_only, rows_per_example=1)
         return {name: value.item() for name, value in sums.items()}
