@@ -10,7 +10,7 @@ Batch layout: a batch is a dict of tensors with
   loss_mask       [B, T] float, 1 where token t is a trained target (response tokens), else 0
 plus algorithm-specific keys (rewards, reference log-probs, ...), which engines pass through.
 Per-token log-probs are aligned to targets: logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1]),
-shape [B, T-1]; the matching mask is loss_mask[:, 1:].
+shape [B, T-1], computed where loss_mask[:, 1:] is 1 (the scored positions) and 0 elsewhere.
 """
 
 from __future__ import annotations

@@ -105,4 +105,4 @@ def test_hf_export_loads_in_transformers_with_identical_logits(family: str, requ
     batch = right_padded_batch(4, 8, 48, seed=42)
     ids = batch["input_ids"]
     hf_logprobs = torch.log_softmax(hf(input_ids=ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(model.get_logprobs(batch), hf_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.get_logprobs(batch), hf_logprobs * batch["loss_mask"][:, 1:], atol=1e-5, rtol=0)

@@ -153,4 +153,4 @@ def test_export_script_turns_a_checkpoint_into_a_transformers_model(llama_dir: s
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
     ids = batch["input_ids"]
     expected = torch.log_softmax(hf(input_ids=ids).logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(model.get_logprobs(batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.get_logprobs(batch), expected * batch["loss_mask"][:, 1:], atol=1e-5, rtol=0)

@@ -36,7 +36,11 @@ def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, family_d
     batch = right_padded_batch(4, 11, ref.config.vocab_size, seed=1)
 
     ref_logprobs = _reference_logprobs(ref, batch["input_ids"])
-    torch.testing.assert_close(model.get_logprobs(batch).double(), ref_logprobs, atol=1e-5, rtol=0)
+    scored = batch["loss_mask"][:, 1:].double()  # log-probs are computed where the loss is (0 elsewhere)
+    torch.testing.assert_close(model.get_logprobs(batch).double(), ref_logprobs * scored, atol=1e-5, rtol=0)
+    every_token = {**batch, "loss_mask": batch["attention_mask"].float()}
+    torch.testing.assert_close(model.get_logprobs(every_token).double(), ref_logprobs * every_token["loss_mask"][:, 1:],
+                               atol=1e-5, rtol=0)
 
     metrics = model.forward_backward(batch, _sft(batch))
     mask = batch["loss_mask"][:, 1:]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nemo_aligner.utils.logprobs import logprobs_from_logits
+from nemo_aligner.utils.logprobs import linear_logprobs, logprobs_from_logits
 
 
 def _reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -109,6 +109,44 @@ def test_bad_shape_raises():
         logprobs_from_logits(logits, torch.zeros(2, 4, dtype=torch.long))
 
 
+def _linear_inputs(tokens: int, hidden: int, vocab: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, hidden, generator=generator), torch.randn(vocab, hidden, generator=generator) * 0.3,
+            torch.randint(0, vocab, (tokens,), generator=generator), torch.randn(tokens, generator=generator))
+
+
+def _linear_value_and_grads(fn, hidden, weight, labels, grad_out):
+    """fn(hidden, weight, labels) and the gradients of sum(fn * grad_out) w.r.t. hidden and weight."""
+    h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    out = fn(h, w, labels)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), h.grad, w.grad
+
+
+def _linear_reference(hidden, weight, labels):
+    return _reference(hidden.double() @ weight.double().T, labels)
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 5, 1])
+def test_linear_logprobs_match_full_logits(chunk_size):
+    hidden, weight, labels, grad_out = _linear_inputs(13, 8, 29, seed=3)
+    out, grad_h, grad_w = _linear_value_and_grads(partial(linear_logprobs, chunk_size=chunk_size), hidden, weight, labels,
+                                                  grad_out)
+    ref_out, ref_h, ref_w = _linear_value_and_grads(_linear_reference, hidden.double(), weight.double(), labels, grad_out)
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_h.double(), ref_h, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_w.double(), ref_w, rtol=0, atol=1e-5)
+
+
+def test_linear_logprobs_keep_no_vocab_sized_tensor():
+    hidden, weight, labels, _ = _linear_inputs(40, 8, 64, seed=4)
+    hidden.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear_logprobs(hidden, weight, labels, chunk_size=4)
+    assert max(t.numel() for t in saved) == max(hidden.numel(), weight.numel())  # no [N, V] logits
+
+
 # --- TP=2 over gloo: one spawned launch checks every case below. -------------------------------------------
 
 # (name, leading shape, vocab, rank-0 shard size, chunk_size, logit offset)
@@ -144,6 +182,10 @@ def _tp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 logprobs_from_logits, tp_group=dist.group.WORLD, vocab_start_index=bounds[rank], chunk_size=chunk_size
             )
             results[name] = _value_and_grad(fn, shard, labels, grad_out)
+        hidden, weight, labels, grad_out = _linear_inputs(9, 6, 21, seed=5)
+        bounds = [0, 10, 21]
+        fn = partial(linear_logprobs, tp_group=dist.group.WORLD, vocab_start_index=bounds[rank], chunk_size=4)
+        results["linear"] = _linear_value_and_grads(fn, hidden, weight[bounds[rank] : bounds[rank + 1]], labels, grad_out)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -172,3 +214,12 @@ def test_tensor_parallel_matches_single_process(tmp_path):
         grad = torch.cat([results[name][1] for results in per_rank], dim=-1)
         torch.testing.assert_close(grad, single_grad, rtol=0, atol=1e-6, msg=f"{name}: gradients")
         torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-6, msg=f"{name}: gradients vs fp64")
+
+    hidden, weight, labels, grad_out = _linear_inputs(9, 6, 21, seed=5)
+    ref_out, ref_h, ref_w = _linear_value_and_grads(_linear_reference, hidden.double(), weight.double(), labels, grad_out)
+    for rank, results in enumerate(per_rank):
+        out, grad_h, _ = results["linear"]
+        torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-5, msg=f"linear: values on rank {rank}")
+        torch.testing.assert_close(grad_h.double(), ref_h, rtol=0, atol=1e-5, msg=f"linear: d hidden on rank {rank}")
+    grad_w = torch.cat([results["linear"][2] for results in per_rank])
+    torch.testing.assert_close(grad_w.double(), ref_w, rtol=0, atol=1e-5, msg="linear: d weight (vocab shards)")

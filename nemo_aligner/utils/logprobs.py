@@ -31,6 +31,40 @@ def _localize_labels(
     return local_labels.masked_fill(~in_shard, 0), in_shard
 
 
+def _chunk_forward(chunk: torch.Tensor, labels: torch.Tensor, vocab_start_index: int,
+                   group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(label), row max, log-sum-exp after the max) of one chunk of logits [C, V_local]."""
+    local_labels, in_shard = _localize_labels(labels, vocab_start_index, chunk.shape[-1])
+    # max is a selection, so taking it before the upcast is exact.
+    chunk_max = chunk.max(dim=-1).values.float()
+    _all_reduce(chunk_max, dist.ReduceOp.MAX, group)
+    # The only [C, V_local] fp32 temporary, freed at the end of the statement; copy=True keeps an fp32
+    # input untouched by the in-place ops.
+    sum_exp = chunk.to(torch.float32, copy=True).sub_(chunk_max[:, None]).exp_().sum(dim=-1)
+    _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+    target = chunk.gather(1, local_labels[:, None]).squeeze(1).float().masked_fill_(~in_shard, 0.0)
+    _all_reduce(target, dist.ReduceOp.SUM, group)
+    chunk_lse = sum_exp.log_()
+    # Subtracting max before adding the small log-sum lets the large terms cancel first (stable at ~1e4).
+    return (target - chunk_max) - chunk_lse, chunk_max, chunk_lse
+
+
+def _chunk_grad(chunk: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, shifted_lse: torch.Tensor,
+                grad_output: torch.Tensor, vocab_start_index: int) -> torch.Tensor:
+    """d(grad_output . log p(label)) / d logits for one chunk [C, V_local], in fp32.
+
+    No collective: d logp / d x_v = onehot_v - exp(x_v - logsumexp), and the logsumexp saved in the
+    forward is already global, so each rank's shard of the gradient is exact using only its own logits.
+    The per-token logsumexp is kept as row_max + shifted_lse: subtracting row_max first stays exact for
+    huge logits, where one rounded logsumexp would not.
+    """
+    local_labels, in_shard = _localize_labels(labels, vocab_start_index, chunk.shape[-1])
+    grad = chunk.to(torch.float32, copy=True)
+    grad.sub_(row_max[:, None]).sub_(shifted_lse[:, None]).exp_().neg_()
+    grad.scatter_add_(1, local_labels[:, None], in_shard[:, None].to(grad.dtype))
+    return grad.mul_(grad_output[:, None])
+
+
 class _VocabParallelLogprobs(torch.autograd.Function):
     """log p(label) from vocab-sharded logits: [N, V_local] x [N] -> [N] fp32 (Megatron-style cross-entropy)."""
 
@@ -43,35 +77,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         vocab_start_index: int,
         chunk_size: int,
     ) -> torch.Tensor:
-        num_tokens, local_vocab = logits.shape
-        logprobs = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
-        row_max = torch.empty_like(logprobs)
-        shifted_lse = torch.empty_like(logprobs)
-        for start in range(0, num_tokens, chunk_size):
-            end = start + chunk_size
-            chunk = logits[start:end]
-            local_labels, in_shard = _localize_labels(labels[start:end], vocab_start_index, local_vocab)
-
-            # max is a selection, so taking it before the upcast is exact.
-            chunk_max = chunk.max(dim=-1).values.float()
-            _all_reduce(chunk_max, dist.ReduceOp.MAX, group)
-
-            # The only [C, V_local] fp32 temporary, freed at the end of the statement; copy=True keeps an fp32
-            # input untouched by the in-place ops.
-            sum_exp = chunk.to(torch.float32, copy=True).sub_(chunk_max[:, None]).exp_().sum(dim=-1)
-            _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
-
-            target = chunk.gather(1, local_labels[:, None]).squeeze(1).float().masked_fill_(~in_shard, 0.0)
-            _all_reduce(target, dist.ReduceOp.SUM, group)
-
-            chunk_lse = sum_exp.log_()
-            # Subtracting max before adding the small log-sum lets the large terms cancel first (stable at ~1e4).
-            logprobs[start:end] = (target - chunk_max) - chunk_lse
-            row_max[start:end] = chunk_max
-            shifted_lse[start:end] = chunk_lse
-
-        # The per-token logsumexp is kept as row_max + shifted_lse rather than one sum: the backward then
-        # subtracts row_max first, which stays exact for huge logits, instead of a rounded logsumexp.
+        stats = [_chunk_forward(logits[start:start + chunk_size], labels[start:start + chunk_size], vocab_start_index, group)
+                 for start in range(0, logits.shape[0], chunk_size)]
+        logprobs, row_max, shifted_lse = (torch.cat(part) for part in zip(*stats))
         ctx.save_for_backward(logits, labels, row_max, shifted_lse)
         ctx.vocab_start_index = vocab_start_index
         ctx.chunk_size = chunk_size
@@ -82,21 +90,55 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None, None]:
         logits, labels, row_max, shifted_lse = ctx.saved_tensors
-        num_tokens, local_vocab = logits.shape
-        chunk_size = ctx.chunk_size
         grad_logits = torch.empty_like(logits)
-        # No collective here: d logp / d x_v = onehot_v - exp(x_v - logsumexp), and the logsumexp saved in the
-        # forward is already global, so each rank's shard of the gradient is exact using only its own logits.
         # The output (and so grad_output) is replicated across the TP group, as the forward all-reduces it.
-        for start in range(0, num_tokens, chunk_size):
-            end = start + chunk_size
-            local_labels, in_shard = _localize_labels(labels[start:end], ctx.vocab_start_index, local_vocab)
-            grad = logits[start:end].to(torch.float32, copy=True)
-            grad.sub_(row_max[start:end, None]).sub_(shifted_lse[start:end, None]).exp_().neg_()
-            grad.scatter_add_(1, local_labels[:, None], in_shard[:, None].to(grad.dtype))
-            grad_logits[start:end] = grad.mul_(grad_output[start:end, None])
-            del grad  # free this chunk's fp32 temporary before the next one is allocated
+        for start in range(0, logits.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            grad_logits[start:end] = _chunk_grad(logits[start:end], labels[start:end], row_max[start:end],
+                                                 shifted_lse[start:end], grad_output[start:end], ctx.vocab_start_index)
         return grad_logits, None, None, None, None
+
+
+class _LinearVocabParallelLogprobs(torch.autograd.Function):
+    """log p(label) from hidden states and the (vocab-sharded) output projection: [N, H] x [V_local, H] x [N]
+    -> [N] fp32, one chunk of logits at a time in the forward and again in the backward (recomputed), so
+    no [N, V] tensor is ever kept: memory is O(chunk x V_local) whatever N is."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        group: dist.ProcessGroup | None,
+        vocab_start_index: int,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        stats = [_chunk_forward(hidden[start:start + chunk_size] @ weight.T, labels[start:start + chunk_size],
+                                vocab_start_index, group)
+                 for start in range(0, hidden.shape[0], chunk_size)]
+        logprobs, row_max, shifted_lse = (torch.cat(part) for part in zip(*stats))
+        ctx.save_for_backward(hidden, weight, labels, row_max, shifted_lse)
+        ctx.group, ctx.vocab_start_index, ctx.chunk_size = group, vocab_start_index, chunk_size
+        return logprobs
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None]:
+        hidden, weight, labels, row_max, shifted_lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            grad = _chunk_grad(hidden[start:end] @ weight.T, labels[start:end], row_max[start:end], shifted_lse[start:end],
+                               grad_output[start:end], ctx.vocab_start_index).to(weight.dtype)
+            grad_hidden[start:end] = grad @ weight
+            grad_weight.add_(grad.T @ hidden[start:end])  # the matmul in the compute dtype, the sum in fp32
+            del grad
+        # Each rank's vocab shard contributes part of d/d hidden; the hidden states are replicated.
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def logprobs_from_logits(
@@ -137,3 +179,38 @@ def logprobs_from_logits(
     flat_labels = labels.reshape(-1)
     logprobs = _VocabParallelLogprobs.apply(flat_logits, flat_labels, group, vocab_start_index, chunk_size)
     return logprobs.view(labels.shape)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start_index: int = 0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """log p(label) under softmax(hidden @ weight.T), never holding more than one chunk of logits.
+
+    The matmul runs in the inputs' dtype (bf16 under mixed precision), the log-sum-exp in fp32; the
+    backward recomputes each chunk's logits instead of saving them.
+
+    Args:
+        hidden: [N, H] final hidden states of the positions to score (e.g. response tokens only).
+        weight: [V_local, H] this rank's rows of the output projection (lm_head).
+        labels: [N] int64 token ids in the global vocab.
+        tp_group: group over which the vocab dim is sharded; None (or size 1) means not sharded. The
+            hidden states must be the same on every rank of it.
+        vocab_start_index: first global vocab id of this rank's rows.
+        chunk_size: tokens whose logits exist at once.
+
+    Returns:
+        [N] fp32 log-probabilities, the same on every rank of ``tp_group``.
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels {tuple(labels.shape)} "
+                         "must be [N, H], [V_local, H] and [N]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    return _LinearVocabParallelLogprobs.apply(hidden, weight, labels, group, vocab_start_index, chunk_size)

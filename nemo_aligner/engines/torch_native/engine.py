@@ -25,9 +25,9 @@ from nemo_aligner.engines.torch_native.generation import generate
 from nemo_aligner.engines.torch_native.layout import ParallelDims, build_mesh, check_no_pipeline, check_tensor_parallel
 from nemo_aligner.engines.torch_native.optim import build_optimizer, global_grad_norm, scale_grads_
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
+from nemo_aligner.engines.torch_native.scoring import batch_logprobs
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
 from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed
-from nemo_aligner.utils.logprobs import logprobs_from_logits
 from nemo_aligner.utils.lr_schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -142,21 +142,9 @@ class TorchNativeEngine:
         return grad_norm, lr
 
     def _logprobs(self, mb: Batch) -> torch.Tensor:
-        input_ids = mb["input_ids"]
         _check_right_padded(mb["attention_mask"])
-        # Right padding never influences real tokens under causal attention, so no padding mask
-        # is passed: SDPA can take its fused causal kernel.
-        logits = self.module(input_ids=input_ids, use_cache=False).logits
-        vocab_start = 0
-        if isinstance(logits, DTensor):
-            logits = logits.to_local()
-            vocab_start = self.tp_rank * -(-self.hf_config.vocab_size // self.tp_size)
-        # Score all T positions against labels shifted by one (the last gets a dummy label) and drop
-        # the last afterwards: slicing the logits instead would copy the whole [B, T, V] tensor.
-        labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
-        logprobs = logprobs_from_logits(logits, labels, tp_group=self.tp_group, vocab_start_index=vocab_start,
-                                        chunk_size=self.log_prob_chunk_size)
-        return logprobs[:, :-1]
+        return batch_logprobs(self.module, self.hf_config, mb, tp_group=self.tp_group, tp_rank=self.tp_rank,
+                              tp_size=self.tp_size, chunk_size=self.log_prob_chunk_size)
 
     # --------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,

@@ -1,0 +1,61 @@
+"""Per-token log-probs of a training batch from the HF module, at the scored (response) positions only.
+
+For families whose logits are just `lm_head(final hidden state)` the log-probs come from the final
+hidden states of the scored positions through linear_logprobs: one chunk of logits at a time, bf16
+matmul with fp32 log-sum-exp, vocab-parallel under tensor parallelism, so memory does not grow with
+tokens x vocab and prompt positions cost no LM-head work. Other families (e.g. Gemma2, which soft-caps
+its logits) score the full logits.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import PretrainedConfig
+
+from nemo_aligner.types import Batch
+from nemo_aligner.utils.logprobs import linear_logprobs, logprobs_from_logits
+
+# Families whose CausalLM computes logits = lm_head(last hidden state), with nothing after it.
+PLAIN_HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+
+
+def scored_positions(mb: Batch) -> torch.Tensor:
+    """[B, T-1] bool: the targets whose log-probs are computed (loss_mask[:, 1:], else every real token)."""
+    mask = mb["loss_mask"] if "loss_mask" in mb else mb["attention_mask"]
+    return mask[:, 1:] > 0
+
+
+def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp_group: dist.ProcessGroup,
+                   tp_rank: int, tp_size: int, chunk_size: int) -> torch.Tensor:
+    """[B, T-1] fp32 log p(input_ids[:, t+1] | input_ids[:, :t+1]) at scored_positions, 0 elsewhere.
+
+    Right padding never influences real tokens under causal attention, so no padding mask is
+    passed: SDPA can take its fused causal kernel.
+    """
+    input_ids, targets = mb["input_ids"], scored_positions(mb)
+    vocab_start = tp_rank * -(-config.vocab_size // tp_size)
+    if config.model_type in PLAIN_HEAD_FAMILIES:
+        with warnings.catch_warnings():
+            # The embedding output among the hidden states is a view, which FSDP2 warns about; it is only read.
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            out = module(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, :-1][targets]
+        weight = module.get_output_embeddings().weight  # after the root's forward: the gathered weight
+        weight = weight.to_local() if isinstance(weight, DTensor) else weight
+        scored = linear_logprobs(hidden, weight, input_ids[:, 1:][targets], tp_group=tp_group,
+                                 vocab_start_index=vocab_start, chunk_size=chunk_size)
+        return torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(targets, scored)
+    logits = module(input_ids=input_ids, use_cache=False).logits
+    if isinstance(logits, DTensor):
+        logits = logits.to_local()
+    # Score all T positions against labels shifted by one (the last gets a dummy label) and drop the last
+    # afterwards: slicing the logits instead would copy the whole [B, T, V] tensor.
+    labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    logprobs = logprobs_from_logits(logits, labels, tp_group=tp_group, vocab_start_index=vocab_start,
+                                    chunk_size=chunk_size)[:, :-1]
+    return logprobs * targets
