@@ -8,6 +8,7 @@ proves that the engine seam carries. tests/test_engine_seam.py registers it as "
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Sequence
 
@@ -35,6 +36,7 @@ class PlainEngine:
         self.module = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained.tokenizer_path or path, local_files_only=True)
         self.device = torch.device("cpu")
+        self.compute_dtype = torch.float32
         self.data_parallel = DataParallel(rank=0, size=1)
         self.model_parallel_group = None
         self.seed = model.seed
@@ -117,19 +119,25 @@ class PlainEngine:
     def onload_optimizer_state(self) -> None:
         """The optimizer state already lives in host memory."""
 
-    # ------------------------------------------------------------- host weights
-    def allocate_host_weights(self) -> dict[str, torch.Tensor]:
-        return {name: torch.empty_like(p) for name, p in self.module.named_parameters()}
+    # ----------------------------------------------------------- weight buffers
+    def allocate_weights(self, where: str, *, compute_dtype: bool = False) -> dict[str, torch.Tensor]:
+        return {name: torch.empty_like(p) for name, p in self.module.named_parameters()}  # host and device: the CPU
 
     @torch.no_grad()
-    def copy_weights_to_host(self, host: dict[str, torch.Tensor]) -> None:
-        for name, p in self._checked(host).items():
-            host[name].copy_(p)
+    def copy_weights_to(self, buffers: dict[str, torch.Tensor]) -> None:
+        for name, p in self._checked(buffers).items():
+            buffers[name].copy_(p)
 
     @torch.no_grad()
-    def copy_weights_from_host(self, host: dict[str, torch.Tensor]) -> None:
-        for name, p in self._checked(host).items():
-            p.copy_(host[name])
+    def copy_weights_from(self, buffers: dict[str, torch.Tensor]) -> None:
+        for name, p in self._checked(buffers).items():
+            p.copy_(buffers[name])
+
+    def weights_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for name, p in self.module.named_parameters():
+            digest.update(name.encode() + p.detach().numpy().tobytes())
+        return digest.hexdigest()
 
     def _checked(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         params = dict(self.module.named_parameters())

@@ -28,9 +28,9 @@ ALLOWED = {
     "losses": {"types"},
     "engines": {"types", "config", "utils"},
     "servers": {"types", "config", "utils"},
-    "reference": {"types", "engines.base"},
+    "reference": {"types", "config", "utils", "engines.base"},
     "models": {"types", "config", "utils", "data", "losses", "engines.base", "engines.registry", "reference"},
-    "algorithms": {"types", "config", "utils", "data", "losses", "models", "servers"},
+    "algorithms": {"types", "config", "utils", "data", "losses", "reference", "models", "servers"},
 }
 # NeMo-Aligner's public names, kept importable from their old module: a facade nothing inside imports.
 FACADES = {"nemo_aligner.utils.utils": ALLOWED["utils"] | {"engines.base", "reference", "models"}}

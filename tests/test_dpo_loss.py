@@ -58,7 +58,7 @@ def test_dpo_loss_fn_matches_naive_loop(name: str, average: bool) -> None:
     cfg = DPOLossConfig(ref_policy_kl_penalty=0.3, preference_loss=name, preference_loss_weight=0.8,
                         sft_loss_weight=0.25, preference_average_log_probs=average, sft_average_log_probs=average,
                         gt_reward_scale=1.5)
-    batch = {"loss_mask": loss_mask, "ref_logprobs": ref[:, 1:], "rewards": rewards}
+    batch = {"loss_mask": loss_mask, "ref_logps": (ref[:, 1:] * loss_mask[:, 1:]).sum(-1), "rewards": rewards}
     loss, sums = build_dpo_loss_fn(cfg)(lp[:, 1:], batch, global_pairs=torch.tensor(3.0, dtype=torch.float64))
     got = {"loss": loss.item(), **finalize_dpo_metrics(sums)}
     want = _naive(lp[:, 1:].tolist(), ref[:, 1:].tolist(), loss_mask[:, 1:].tolist(), rewards.tolist(), cfg)
@@ -70,7 +70,7 @@ def test_dpo_loss_fn_matches_naive_loop(name: str, average: bool) -> None:
 def test_splitting_pairs_across_micro_batches_sums_to_the_whole() -> None:
     gen = torch.Generator().manual_seed(1)
     lp, ref = -torch.rand(8, 5, generator=gen), -torch.rand(8, 5, generator=gen)
-    batch = {"loss_mask": torch.ones(8, 6), "ref_logprobs": ref, "rewards": torch.zeros(8)}
+    batch = {"loss_mask": torch.ones(8, 6), "ref_logps": ref.sum(-1), "rewards": torch.zeros(8)}
     loss_fn = build_dpo_loss_fn(DPOLossConfig())
     whole, _ = loss_fn(lp, batch, global_pairs=torch.tensor(4.0))
     halves = sum(loss_fn(lp[i:i + 4], {k: v[i:i + 4] for k, v in batch.items()}, global_pairs=torch.tensor(4.0))[0]

@@ -102,7 +102,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(llama_dir: str, prefere
 def test_nan_loss_stops_with_step_and_batch_and_saves_nothing(llama_dir: str, preference_file: str, tmp_path) -> None:
     log_dir = str(tmp_path / "nan")
     trainer = _trainer(_config(llama_dir, preference_file, log_dir, save_interval=1), [])
-    real = trainer.model.reference_logprobs
+    real = trainer.model.reference_logps
     calls = {"n": 0}
 
     def poisoned(batch: dict) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_nan_loss_stops_with_step_and_batch_and_saves_nothing(llama_dir: str, pr
         out = real(batch)
         return out * float("nan") if calls["n"] == 3 else out
 
-    trainer.model.reference_logprobs = poisoned
+    trainer.model.reference_logps = poisoned
     with pytest.raises(NonFiniteLossError, match=r"dpo step 3 \(epoch 0, this rank's dataset indices \[\d+"):
         trainer.fit()
     checkpoints = sorted(d for d in os.listdir(os.path.join(log_dir, "checkpoints")) if d.startswith("step_"))
@@ -143,7 +143,8 @@ def test_reference_pass_chunks_whatever_rows_it_gets(llama_dir: str, preference_
     logprobs = {}
     for chunk in (16, 3, 1):
         raw = OmegaConf.merge(OmegaConf.structured(_config(llama_dir, preference_file, str(tmp_path / f"run{chunk}"))),
-                              {"model": {"micro_batch_size": 4, "dpo": {"log_prob_forward_micro_batch_size": chunk}}})
+                              {"model": {"micro_batch_size": 4, "dpo": {"log_prob_forward_micro_batch_size": chunk,
+                                                                        "reference": {"strategy": "swap"}}}})
         cfg = load_config(DPOJobConfig, raw)
         policy = GPTDPOModel(cfg.model, cfg.pretrained_checkpoint, cfg.trainer)
         policy.setup_optimizer(max_steps=1)

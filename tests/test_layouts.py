@@ -70,6 +70,13 @@ def test_reference_swap_on_sharded_parameters(runs: dict) -> None:
     _close(parallel["tp2_logprobs_after_swap"], runs["single"]["logprobs_trained"])
 
 
+@pytest.mark.parametrize("strategy", ["dpo_resident", "dpo_precomputed"])
+def test_every_reference_strategy_gives_the_swap_metrics(runs: dict, strategy: str) -> None:
+    one, other = runs["single"]["dpo"], runs["single"][strategy]
+    for name in one[0]:
+        _close([m[name] for m in other], [m[name] for m in one])
+
+
 def test_exports_from_both_layouts_load_with_equal_weights(runs: dict) -> None:
     one = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "hf_1proc"), dtype=torch.float32)
     two = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "hf_tp2"), dtype=torch.float32)
@@ -77,9 +84,11 @@ def test_exports_from_both_layouts_load_with_equal_weights(runs: dict) -> None:
         torch.testing.assert_close(a, b, atol=TOL, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("layout", ["dpo_dp2", "dpo_tp2", "spin_dp2", "spin_tp2"])
+@pytest.mark.parametrize("layout", ["dpo_dp2", "dpo_tp2", "spin_dp2", "spin_tp2", "dpo_dp2_precomputed",
+                                    "dpo_tp2_resident", "dpo_tp2_precomputed"])
 def test_dpo_and_spin_steps_match_one_process(runs: dict, layout: str) -> None:
-    """Reference swap, generation (SPIN, greedy), the losses and every reported metric agree."""
+    """Reference (swap, resident, precomputed), generation (SPIN, greedy), the losses and every reported
+    metric agree with one process and the swap."""
     one, two = runs["single"][layout.split("_")[0]], runs["parallel"][layout]
     assert [sorted(m) for m in one] == [sorted(m) for m in two]
     for name in one[0]:

@@ -15,7 +15,6 @@ from nemo_aligner.losses import (
     get_preference_loss,
     preference_pairs,
     register_preference_loss,
-    sequence_log_ratio,
     sequence_nll,
 )
 
@@ -78,12 +77,9 @@ def test_registry_rejects_duplicates_and_lists_names() -> None:
         get_preference_loss("kto")
 
 
-def test_sequence_reductions_and_empty_responses() -> None:
+def test_sequence_nll_and_empty_responses() -> None:
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
-    ref = torch.tensor([[-1.5, -1.0, -1.0], [-2.0, -2.0, -2.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
-    assert sequence_log_ratio(logprobs, ref, mask, average=False).tolist() == [-3.0, 0.0]
-    assert sequence_log_ratio(logprobs, ref, mask, average=True).tolist() == [-1.5, 0.0]
     assert sequence_nll(logprobs, mask, average=False).tolist() == [5.0, 0.0]
     assert sequence_nll(logprobs, mask, average=True).tolist() == [2.5, 0.0]
 
@@ -93,12 +89,14 @@ def test_preference_pairs_split_the_pair_layout_rows() -> None:
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0], [-1.0, -1.0, -1.0], [-4.0, -2.0, -2.0]])
     ref = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0], [-2.0, -2.0, -2.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
-    pairs = preference_pairs(logprobs, ref, mask, average_log_probs=False, gt_margin=torch.tensor([1.0, 2.0]))
+    ref_logps = (ref * mask).sum(-1)  # what every reference strategy delivers: Σ_t per row
+    pairs = preference_pairs(logprobs, mask, ref_logps=ref_logps, average_log_probs=False, gt_margin=torch.tensor([1.0, 2.0]))
     assert pairs.chosen_logratios.tolist() == [-3.0, 3.0] and pairs.rejected_logratios.tolist() == [1.0, 0.0]
     assert pairs.chosen_logps.tolist() == [-5.0, -3.0] and pairs.rejected_logps.tolist() == [-1.0, -2.0]
     assert pairs.chosen_lengths.tolist() == [2.0, 3.0] and pairs.rejected_lengths.tolist() == [2.0, 1.0]
     assert pairs.margin.tolist() == [-4.0, 3.0] and pairs.gt_margin.tolist() == [1.0, 2.0]
-    averaged = preference_pairs(logprobs, ref, mask, average_log_probs=True, gt_margin=torch.tensor([1.0, 2.0]))
+    averaged = preference_pairs(logprobs, mask, ref_logps=ref_logps, average_log_probs=True,
+                                gt_margin=torch.tensor([1.0, 2.0]))
     assert averaged.chosen_logratios.tolist() == [-1.5, 1.0] and averaged.rejected_logratios.tolist() == [0.5, 0.0]
     assert averaged.chosen_logps.tolist() == [-5.0, -3.0]  # log-probs stay sums; a loss normalises them itself
 

@@ -66,7 +66,7 @@ def test_spin_loss_against_hand_computed_values() -> None:
     ref = torch.tensor([[-1.5, -1.5], [-2.0, -1.0], [-1.0, -1.0], [-1.0, -2.0]], dtype=torch.float64)
     loss_mask = torch.tensor([[0, 1, 1], [0, 0, 1], [0, 1, 1], [0, 1, 1]], dtype=torch.float64)
     # R: actual0 = 0.5 - 0.5 = 0; generated0 = 0.5 (EOS only); actual1 = 0.5 + 0.5 = 1; generated1 = 0 - 2 = -2
-    loss, sums = spin_loss_fn(logprobs, {"loss_mask": loss_mask, "ref_logprobs": ref}, beta=0.5,
+    loss, sums = spin_loss_fn(logprobs, {"loss_mask": loss_mask, "ref_logps": (ref * loss_mask[:, 1:]).sum(-1)}, beta=0.5,
                               global_pairs=torch.tensor(2.0, dtype=torch.float64))
     expected = (math.log1p(math.exp(0.5 * 0.5)) + math.log1p(math.exp(-0.5 * 3))) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-12)

@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from nemo_aligner.algorithms.loop import BaseTrainer
+from nemo_aligner.reference import PrecomputedReference
 from nemo_aligner.config.dpo import DPOLoopConfig
 from nemo_aligner.data.collate import pair_collate
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 from nemo_aligner.types import Batch
 
 __all__ = ["DPOTrainer", "dpo_custom_collate"]
+
+REFERENCE_CACHE = "reference_logps"  # under the log directory, unless model.dpo.reference.cache_dir says where
 
 
 def dpo_custom_collate(batch: Sequence[Mapping[str, Any]], eos_id: int, reset_position_ids: bool = False,
@@ -43,6 +47,19 @@ class DPOTrainer(BaseTrainer):
     model: GPTDPOModel
     cfg: DPOLoopConfig
     loop_config = DPOLoopConfig
+
+    def before_fit(self) -> None:
+        """With a precomputed reference: the reference log-probs of the training and validation pairs, from
+        their cache or one pass with the initial weights (which the model still holds before a resume)."""
+        reference = self.model.reference
+        if not isinstance(reference, PrecomputedReference):
+            return
+        cache_dir = self.model.dpo.reference.cache_dir or os.path.join(self.log_dir, REFERENCE_CACHE)
+        for name, loader in (("train", self.train_dataloader), ("validation", self.val_dataloader)):
+            if loader is not None:
+                reference.precompute_into(loader.dataset, name=name, cache_dir=cache_dir,
+                                          pairs_per_forward=self.model.dpo.log_prob_forward_micro_batch_size,
+                                          collate=loader.collate, score=self.model.sequence_logps)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         metrics = self.model.loss_and_metrics(batch, forward_only=False)

@@ -125,6 +125,9 @@ class BaseTrainer:
         """Sharded state beyond the policy's weights and optimizer (SPIN: its reference weights)."""
         return {}
 
+    def before_fit(self) -> None:
+        """Hook run when fit() starts, before a resume loads a checkpoint (DPO: precompute the reference)."""
+
     def before_train_step(self) -> None:
         """Hook run before each step (SPIN: pick this iteration's beta)."""
 
@@ -134,6 +137,7 @@ class BaseTrainer:
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
         """Train to max_steps (resuming first if a checkpoint exists); returns the last val metrics."""
+        self.before_fit()
         self.model.setup_optimizer(max_steps=self.optimizer_steps())
         if self.start.resume_from is not None:
             self.checkpoints.load(self.start.resume_from, self.model, self.statefuls(), self.sharded_statefuls())

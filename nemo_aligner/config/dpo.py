@@ -11,6 +11,7 @@ from nemo_aligner.config.schema import (
     LoopConfig,
     ModelConfig,
     PretrainedCheckpointConfig,
+    ReferenceConfig,
     TrainerConfig,
     check_batch_layout,
     check_monitor,
@@ -35,6 +36,7 @@ class DPOLossConfig:
     sft_average_log_probs: bool = False  # SFT NLL as a per-token mean instead of a sum
     gt_reward_scale: float = 1.0  # scales the data's reward margin for the rpo_* losses
     log_prob_forward_micro_batch_size: int = 1  # pairs per forward pass for reference log-probs
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
         require(self.ref_policy_kl_penalty > 0, "model.dpo.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "> 0")

@@ -62,6 +62,23 @@ class OptimConfig:
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "model.optim.betas", self.betas, "two values in [0, 1)")
 
 
+class ReferenceStrategy(enum.Enum):
+    """How the reference policy is held (nemo_aligner/reference/)."""
+
+    auto = "auto"  # DPO: precomputed; SPIN: resident when it fits on the device, else swap
+    swap = "swap"  # a host copy of the weights swapped in for each use (no device memory)
+    resident = "resident"  # a device copy in the compute dtype, swapped in device to device
+    precomputed = "precomputed"  # sequence log-probs computed once before training and cached on disk (DPO)
+
+
+@dataclass
+class ReferenceConfig:
+    """model.dpo.reference / model.spin.reference: how the reference policy is held."""
+
+    strategy: ReferenceStrategy = ReferenceStrategy.auto
+    cache_dir: Optional[str] = None  # precomputed: where caches live; null: <exp_manager.explicit_log_dir>/reference_logps
+
+
 @dataclass
 class PretrainedCheckpointConfig:
     """Where the initial weights come from: a local Hugging Face directory, or a config for random init."""

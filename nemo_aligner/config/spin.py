@@ -11,6 +11,8 @@ from nemo_aligner.config.schema import (
     LoopConfig,
     ModelConfig,
     PretrainedCheckpointConfig,
+    ReferenceConfig,
+    ReferenceStrategy,
     TrainerConfig,
     check_batch_layout,
     check_monitor,
@@ -31,8 +33,11 @@ class SPINConfig:
     offload_adam_states: bool = True  # move optimizer state to CPU while generating
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     length_params: LengthParams = field(default_factory=LengthParams)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
+        require(self.reference.strategy is not ReferenceStrategy.precomputed, "model.spin.reference.strategy",
+                self.reference.strategy.value, "auto, swap or resident: SPIN's reference changes every iteration")
         betas = self.ref_policy_kl_penalty if isinstance(self.ref_policy_kl_penalty, (list, tuple)) else [self.ref_policy_kl_penalty]
         ok = len(betas) >= 1 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in betas)
         require(ok, "model.spin.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "a number > 0 or a list of them")

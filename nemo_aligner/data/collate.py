@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from nemo_aligner.types import pair_sides
+from nemo_aligner.types import PAIR_SIDES, pair_sides
 
 TokenIds = Sequence[int] | torch.Tensor
 """Token ids: a list of ints or a 1-D integer tensor."""
@@ -34,7 +34,9 @@ def pair_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: int,
         input_ids [2P, T] int64: prompt + response, then pad_token_id;
         attention_mask [2P, T] int64: 1 on real tokens, 0 on padding;
         loss_mask [2P, T] float32: 1 on response tokens (the EOS included), 0 on prompt and padding;
-        rewards [2P] float32: chosen_reward, rejected_reward, interleaved like the rows.
+        rewards [2P] float32: chosen_reward, rejected_reward, interleaved like the rows;
+        ref_logps [2P] float32: chosen_ref_logps, rejected_ref_logps, the same way, when every
+            example carries them (precomputed reference log-probs).
         T is the longest row rounded up to a multiple of pad_to_multiple_of.
 
     Raises:
@@ -49,6 +51,9 @@ def pair_collate(examples: Sequence[Mapping[str, Any]], *, pad_token_id: int,
     batch = _right_padded(rows, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
                           caller="pair_collate")
     batch["rewards"] = torch.tensor(rewards, dtype=torch.float32)
+    if examples and all("chosen_ref_logps" in example for example in examples):
+        batch["ref_logps"] = torch.tensor([example[f"{side}_ref_logps"] for example in examples for side in PAIR_SIDES],
+                                          dtype=torch.float32)
     return batch
 
 

@@ -12,6 +12,7 @@ file fails before training starts and every item costs nothing to fetch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
@@ -42,7 +43,9 @@ class PreferenceDataset(Dataset):
     An item is a dict:
         prompt_ids [P] int64, the prompt (the tokenizer's BOS included, or the chat template's text);
         chosen_ids [Rc] int64 and rejected_ids [Rr] int64, each response ending with one EOS;
-        chosen_reward, rejected_reward: float, from the record or the defaults given here.
+        chosen_reward, rejected_reward: float, from the record or the defaults given here;
+        chosen_ref_logps, rejected_ref_logps: float, once reference log-probs are attached
+        (nemo_aligner/reference/precomputed.py).
     P + max(Rc, Rr) <= max_seq_length for every item (see length_policy.fit_prompt).
 
     Attributes:
@@ -83,6 +86,21 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The pair at index: prompt_ids [P], chosen_ids [Rc], rejected_ids [Rr], chosen_reward, rejected_reward."""
         return dict(self._items[index])
+
+    def fingerprint(self) -> str:
+        """A digest of every pair's token ids, in order: changes with the data, the tokenizer and the length policy."""
+        digest = hashlib.sha256()
+        for item in self._items:
+            for side in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                digest.update(item[side].numpy().tobytes() + b"|")
+        return digest.hexdigest()
+
+    def attach_reference_logps(self, logps: torch.Tensor) -> None:
+        """Give pair i the reference's Σ_t log-probs of its chosen and rejected responses, logps[i] ([N, 2])."""
+        if tuple(logps.shape) != (len(self._items), 2):
+            raise ValueError(f"reference log-probs of shape {tuple(logps.shape)} for {len(self._items)} pairs")
+        for item, (chosen, rejected) in zip(self._items, logps.tolist()):
+            item["chosen_ref_logps"], item["rejected_ref_logps"] = chosen, rejected
 
 
 def _tokenize(record: JsonlRecord, path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase,

@@ -21,9 +21,10 @@ Contracts every engine honours, also one that pipelines the network over stages:
 - `forward_only=True` computes no gradients and leaves parameters, gradients and optimizer state
   as they were; afterwards the sharded (or otherwise canonical) weights are again the only live
   copy, so host copies and checkpoints read and write the weights the optimizer updates.
-- Host weights (`allocate_host_weights`, `copy_weights_to_host`, `copy_weights_from_host`) are
-  this rank's local pieces of every distinct parameter, by name; they carry the reference policy
-  (nemo_aligner/reference/) and survive any number of round trips bit for bit.
+- Weight buffers (`allocate_weights`, `copy_weights_to`, `copy_weights_from`), on the host or the
+  device, are this rank's local pieces of every distinct parameter, by name; they carry the
+  reference policy (nemo_aligner/reference/). In the parameters' dtype they survive any number of
+  round trips bit for bit; in the compute dtype they hold exactly what the forward computes with.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from nemo_aligner.config.schema import ModelConfig, OptimConfig, PretrainedCheckpointConfig, TrainerConfig
 
 ReduceOp = Literal["sum", "max"]
+WeightPlace = Literal["host", "device"]
 
 
 class Engine(Protocol):
@@ -48,6 +50,7 @@ class Engine(Protocol):
 
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
+    compute_dtype: torch.dtype  # what the forward computes in (bf16 under mixed precision)
     data_parallel: DataParallel
     # The ranks that hold the same data-parallel share (tensor x pipeline); None for a world of one.
     # Work done once per share (e.g. a call to a reward server) runs on its first rank and is broadcast.
@@ -99,17 +102,22 @@ class Engine(Protocol):
         """Restore what offload_optimizer_state moved, bit for bit."""
         ...
 
-    # --------------------------------------------------------------- host weights
-    def allocate_host_weights(self) -> dict[str, torch.Tensor]:
-        """Host buffers (pinned where CUDA exists) shaped like this rank's local weights, by name."""
+    # ------------------------------------------------------------- weight buffers
+    def allocate_weights(self, where: WeightPlace, *, compute_dtype: bool = False) -> dict[str, torch.Tensor]:
+        """Buffers shaped like this rank's local weights, by name, on the host (pinned where CUDA
+        exists) or this engine's device, in the parameters' dtype or the compute dtype."""
         ...
 
-    def copy_weights_to_host(self, host: dict[str, torch.Tensor]) -> None:
-        """Copy the live weights into `host` (from allocate_host_weights)."""
+    def copy_weights_to(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Copy the live weights into `buffers` (from allocate_weights)."""
         ...
 
-    def copy_weights_from_host(self, host: dict[str, torch.Tensor]) -> None:
-        """Make `host` the live weights; names and shapes are checked before any weight changes."""
+    def copy_weights_from(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Make `buffers` the live weights; names and shapes are checked before any weight changes."""
+        ...
+
+    def weights_fingerprint(self) -> str:
+        """A digest of the live weights, the same on every rank (keys caches of reference log-probs)."""
         ...
 
     # --------------------------------------------------------------- checkpoints

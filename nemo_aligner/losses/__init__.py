@@ -15,7 +15,7 @@ from nemo_aligner.losses.preference import (
     rpo_fwd_kl_loss,
     rpo_sq_loss,
 )
-from nemo_aligner.losses.sequence import masked_nll_sum, sequence_log_ratio, sequence_nll
+from nemo_aligner.losses.sequence import masked_nll_sum, sequence_nll
 from nemo_aligner.losses.sft import sequence_mean_nll_loss_fn, sft_loss_fn
 from nemo_aligner.losses.spin import spin_loss_fn
 
@@ -34,7 +34,6 @@ __all__ = [
     "rpo_bwd_kl_loss",
     "rpo_fwd_kl_loss",
     "rpo_sq_loss",
-    "sequence_log_ratio",
     "sequence_mean_nll_loss_fn",
     "sequence_nll",
     "sft_loss_fn",

@@ -17,7 +17,7 @@ def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, preference_loss: Prefer
 
     Args:
         logprobs: [2P, T-1] policy log-probs of pair-layout rows.
-        batch: loss_mask [2P, T], ref_logprobs [2P, T-1], rewards [2P].
+        batch: loss_mask [2P, T], ref_logps [2P] (the reference's Σ_t log-probs per row), rewards [2P].
         preference_loss: a registered loss with its own hyper-parameters bound (bind_preference_loss).
         beta: β, the KL coefficient; rewards are reported as β·R (the implicit DPO reward).
         preference_weight, sft_weight: the two terms' weights.
@@ -30,7 +30,7 @@ def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, preference_loss: Prefer
     mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
     rewards = batch["rewards"]
     gt_margin = gt_reward_scale * (chosen_rows(rewards) - rejected_rows(rewards)).to(logprobs.dtype)
-    pairs = preference_pairs(logprobs, batch["ref_logprobs"], mask, average_log_probs=average_log_probs,
+    pairs = preference_pairs(logprobs, mask, ref_logps=batch["ref_logps"], average_log_probs=average_log_probs,
                              gt_margin=gt_margin)
     preference = preference_loss(pairs, beta=beta)
     sft = sequence_nll(chosen_rows(logprobs), chosen_rows(mask), average=sft_average_log_probs)

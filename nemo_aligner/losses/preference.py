@@ -18,7 +18,6 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from nemo_aligner.losses.sequence import sequence_log_ratio
 from nemo_aligner.types import chosen_rows, rejected_rows, require
 
 
@@ -48,14 +47,17 @@ class PreferencePairs:
         return self.chosen_logratios - self.rejected_logratios
 
 
-def preference_pairs(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
-                     average_log_probs: bool, gt_margin: torch.Tensor) -> PreferencePairs:
+def preference_pairs(logprobs: torch.Tensor, mask: torch.Tensor, *, ref_logps: torch.Tensor, average_log_probs: bool,
+                     gt_margin: torch.Tensor) -> PreferencePairs:
     """The per-pair quantities of pair-layout rows (see nemo_aligner/types.py).
 
-    logprobs, ref_logprobs, mask: [2P, T-1]; gt_margin: [P].
+    logprobs, mask: [2P, T-1] policy log-probs and scored positions; ref_logps: [2P] the reference's
+    Σ_t m_t log π_ref per row (how every reference strategy delivers it); gt_margin: [P].
     """
-    ratios = sequence_log_ratio(logprobs, ref_logprobs, mask, average=average_log_probs)
     logps, lengths = (logprobs * mask).sum(dim=-1), mask.sum(dim=-1)
+    ratios = logps - ref_logps.to(logps.dtype)
+    if average_log_probs:
+        ratios = ratios / lengths.clamp(min=1.0)
     return PreferencePairs(chosen_logratios=chosen_rows(ratios), rejected_logratios=rejected_rows(ratios),
                            chosen_logps=chosen_rows(logps), rejected_logps=rejected_rows(logps),
                            chosen_lengths=chosen_rows(lengths), rejected_lengths=rejected_rows(lengths),

@@ -1,7 +1,7 @@
 """Per-sequence reductions of per-token log-probs over the response tokens a mask selects.
 
-logprobs, ref_logprobs, mask: [N, T-1] (target-aligned, see nemo_aligner/types.py); each function
-returns [N]. A row with no response tokens reduces to 0 (no division by zero).
+logprobs, mask: [N, T-1] (target-aligned, see nemo_aligner/types.py); each function returns [N]. A
+row with no response tokens reduces to 0 (no division by zero).
 """
 
 from __future__ import annotations
@@ -11,12 +11,6 @@ import torch
 
 def _per_token_mean_if(summed: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
     return summed / mask.sum(dim=-1).clamp(min=1.0) if average else summed
-
-
-def sequence_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
-                       average: bool) -> torch.Tensor:
-    """R per row: Σ_t m_t (log π − log π_ref), divided by Σ_t m_t when `average`."""
-    return _per_token_mean_if(((logprobs - ref_logprobs) * mask).sum(dim=-1), mask, average)
 
 
 def sequence_nll(logprobs: torch.Tensor, mask: torch.Tensor, *, average: bool) -> torch.Tensor:

@@ -18,11 +18,12 @@ def spin_loss_fn(logprobs: torch.Tensor, batch: Batch, *, beta: float,
                  global_pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the SPIN loss and its metric sums.
 
-    logprobs, batch["ref_logprobs"]: [2P, T-1]; batch["loss_mask"]: [2P, T]. An empty generation
-    (EOS only) is a valid row. Values are sums over the pairs divided by `global_pairs`.
+    logprobs: [2P, T-1]; batch["loss_mask"]: [2P, T]; batch["ref_logps"]: [2P] the reference's Σ_t
+    log-probs per row. An empty generation (EOS only) is a valid row. Values are sums over the pairs
+    divided by `global_pairs`.
     """
     mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
-    pairs = preference_pairs(logprobs, batch["ref_logprobs"], mask, average_log_probs=False,
+    pairs = preference_pairs(logprobs, mask, ref_logps=batch["ref_logps"], average_log_probs=False,
                              gt_margin=torch.zeros(mask.shape[0] // ROWS_PER_PAIR, dtype=logprobs.dtype, device=logprobs.device))
     actual, generated = pairs.chosen_logratios, pairs.rejected_logratios
     loss = dpo_loss(pairs, beta=beta).sum() / global_pairs

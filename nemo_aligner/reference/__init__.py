@@ -1,6 +1,10 @@
-"""The reference policy π_ref: one interface (ReferencePolicy), one class per strategy."""
+"""The reference policy π_ref: one interface (ReferencePolicy), one class per strategy, chosen by
+`reference.strategy` in the algorithm's config (build_reference_policy)."""
 
-from nemo_aligner.reference.base import ReferencePolicy
-from nemo_aligner.reference.host_copy import HostCopyReference, host_copy_of_weights, weights_swapped_in
+from nemo_aligner.reference.base import ReferencePolicy, sum_over_scored
+from nemo_aligner.reference.build import build_reference_policy
+from nemo_aligner.reference.precomputed import PrecomputedReference
+from nemo_aligner.reference.weight_copy import WeightCopyReference, host_copy_of_weights, weights_swapped_in
 
-__all__ = ["HostCopyReference", "ReferencePolicy", "host_copy_of_weights", "weights_swapped_in"]
+__all__ = ["PrecomputedReference", "ReferencePolicy", "WeightCopyReference", "build_reference_policy",
+           "host_copy_of_weights", "sum_over_scored", "weights_swapped_in"]

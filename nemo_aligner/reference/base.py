@@ -1,9 +1,10 @@
 """What the models need from a reference policy, whichever way it is held.
 
-A strategy is one class with these methods: the host copy swapped into the network (host_copy.py),
-and later a device-resident copy, log-probs precomputed once, or the same network with its adapters
-disabled. DPO's reference is the initial model, also after a resume; SPIN's becomes the current
-policy at the end of every iteration and is saved with each checkpoint.
+A strategy is one class with these methods: a copy of the weights swapped into the network, on the
+host (swap) or the device (resident) (weight_copy.py), and log-probs computed once before training
+and cached on disk (precomputed.py); later, the same network with its adapters disabled. DPO's
+reference is the initial model, also after a resume; SPIN's becomes the current policy at the end of
+every iteration and is saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from nemo_aligner.types import Batch
 
 
 class ReferencePolicy(Protocol):
+    name: str  # the strategy, for the log
+
+    def sequence_logps(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        """Σ_t of the reference's log-probs over each row's scored positions (loss_mask), [rows]."""
+        ...
+
     def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
-        """Per-token log-probs [rows, T-1] of the micro-batches under the reference, concatenated."""
+        """Per-token log-probs [rows, T-1] under the reference (strategies that hold weights)."""
         ...
 
     def active(self) -> ContextManager[None]:
@@ -36,3 +43,9 @@ class ReferencePolicy(Protocol):
     def load(self, path: str) -> None:
         """Collectively read what save wrote."""
         ...
+
+
+def sum_over_scored(logprobs: torch.Tensor, micro_batches: Sequence[Batch]) -> torch.Tensor:
+    """Σ_t logprobs [rows, T-1] over each row's loss_mask[:, 1:] positions -> [rows] (fp32)."""
+    mask = torch.cat([mb["loss_mask"][:, 1:] for mb in micro_batches]).to(logprobs.dtype)
+    return (logprobs * mask).sum(dim=-1)

@@ -1,7 +1,7 @@
 """NeMo-Aligner's public utility names, so existing user code imports unchanged.
 
 retrieve_model_state_dict_in_cpu and cpu_weight_swap delegate to the reference-policy code
-(nemo_aligner/reference/host_copy.py) through the model's engine; load_from_nemo builds one of our
+(nemo_aligner/reference/weight_copy.py) through the model's engine; load_from_nemo builds one of our
 model classes from an HF directory or one of our training checkpoints. Nothing inside the library
 imports this module.
 """
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from nemo_aligner.config.loader import ConfigError, load_config
 from nemo_aligner.config.schema import ModelConfig, PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.reference.host_copy import host_copy_of_weights, weights_swapped_in
+from nemo_aligner.reference.weight_copy import host_copy_of_weights, weights_swapped_in
 from nemo_aligner.utils.checkpoint import TRAINER_STATE, latest_checkpoint
 from nemo_aligner.utils.log_dir import CHECKPOINTS, CONFIG_FILE
 
@@ -50,7 +50,7 @@ def retrieve_model_state_dict_in_cpu(model: HasEngine, megatron_amp_O2: bool = T
 def cpu_weight_swap(model: HasEngine, ref_state_dict: dict[str, torch.Tensor]) -> Iterator[None]:
     """Inside the block the model holds `ref_state_dict`'s weights; on exit (also on error) the
     training weights are restored bit for bit. Optimizer state and gradients are untouched."""
-    with weights_swapped_in(model.engine, ref_state_dict, stash=model.engine.allocate_host_weights()):
+    with weights_swapped_in(model.engine, ref_state_dict, stash=model.engine.allocate_weights("host")):
         yield
 
 

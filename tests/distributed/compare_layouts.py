@@ -28,10 +28,14 @@ def main(work: str) -> None:
         ("TP=2 log-probs", parallel["tp2_logprobs_init"], single["logprobs_init"]),
         ("TP=2 log-probs inside the reference swap", parallel["tp2_logprobs_in_swap"], single["logprobs_init"]),
     ]
-    for layout in ("dpo_dp2", "dpo_tp2", "spin_dp2", "spin_tp2"):
+    for layout in ("dpo_dp2", "dpo_tp2", "spin_dp2", "spin_tp2", "dpo_dp2_precomputed", "dpo_tp2_resident",
+                   "dpo_tp2_precomputed"):
         reference = single[layout.split("_")[0]]
         rows.append((f"{layout} metrics (all)", [[m[k] for k in sorted(m)] for m in parallel[layout]],
                      [[m[k] for k in sorted(m)] for m in reference]))
+    for strategy in ("dpo_resident", "dpo_precomputed"):
+        rows.append((f"{strategy} vs swap, 1 process (all)", [[m[k] for k in sorted(m)] for m in single[strategy]],
+                     [[m[k] for k in sorted(m)] for m in single["dpo"]]))
     print(f"reference losses (1 process): {[round(r[0], 6) for r in ref]}")
     print(f"reference grad norms:         {[round(r[1], 6) for r in ref]}")
     for name, a, b in rows:

@@ -24,13 +24,15 @@ import torch
 import torch.distributed as dist
 
 from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
-from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, SchedConfig, TrainerConfig
+from nemo_aligner.config.schema import (ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, ReferenceConfig,
+                                        ReferenceStrategy, SchedConfig, TrainerConfig)
 from nemo_aligner.config.spin import SFTDataConfig, SFTFileConfig, SPINConfig, SPINModelConfig
 from nemo_aligner.data.builders import build_preference_loader, build_sft_loader
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
+from nemo_aligner.reference import PrecomputedReference
 from nemo_aligner.types import LengthParams, SamplingParams
 from nemo_aligner.utils.checkpoint import CheckpointManager
 from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
@@ -64,17 +66,23 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids * attention, "attention_mask": attention, "loss_mask": loss_mask}
 
 
-def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2) -> list[dict[str, float]]:
-    """Metrics of `steps` DPO steps (reference swap, rpo_bwd_kl + SFT term) on the pairs in `data`."""
+def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
+              reference: ReferenceStrategy = ReferenceStrategy.swap) -> list[dict[str, float]]:
+    """Metrics of `steps` DPO steps (rpo_bwd_kl + SFT term) on the pairs in `data`, with the reference
+    held by `reference` (precomputed: one pass first, cached beside the data)."""
     cfg = DPOModelConfig(micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
                          encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
                          dpo=DPOLossConfig(preference_loss="rpo_bwd_kl", sft_loss_weight=0.5,
-                                           log_prob_forward_micro_batch_size=1),
+                                           log_prob_forward_micro_batch_size=1,
+                                           reference=ReferenceConfig(strategy=reference)),
                          data=PreferenceDataConfig(data_prefix=DataPrefix(train=data, validation=data)))
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     policy.setup_optimizer(max_steps=steps)
     loader = build_preference_loader(data, shuffle=True, **loader_args(policy, cfg))
+    if isinstance(policy.reference, PrecomputedReference):
+        policy.reference.precompute_into(loader.dataset, name=f"layout-tp{tp}", cache_dir=os.path.dirname(data) + "/cache",
+                                         pairs_per_forward=3, collate=loader.collate, score=policy.sequence_logps)
     records = []
     for _ in range(steps):
         metrics = policy.loss_and_metrics(loader.next_batch()[0], forward_only=False)
@@ -154,6 +162,9 @@ def resume(model: GPTModel, path: str) -> int:
 def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
     out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1, precision=precision), 0, STEPS),
                  "dpo": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision),
+                 "dpo_resident": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, reference=ReferenceStrategy.resident),
+                 "dpo_precomputed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision,
+                                              reference=ReferenceStrategy.precomputed),
                  "spin": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision)}
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
@@ -170,6 +181,12 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
     out: dict = {"qwen2_tp2_steps": run_steps(build(qwen2_dir, tp=2, precision=precision), 0, STEPS),
                  "dpo_dp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision),
                  "dpo_tp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision),
+                 "dpo_dp2_precomputed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision,
+                                                  reference=ReferenceStrategy.precomputed),
+                 "dpo_tp2_resident": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision,
+                                               reference=ReferenceStrategy.resident),
+                 "dpo_tp2_precomputed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision,
+                                                  reference=ReferenceStrategy.precomputed),
                  "spin_dp2": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision),
                  "spin_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision)}
     dp2 = build(model_dir, tp=1, precision=precision)

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.engines.base import ReduceOp
+from nemo_aligner.engines.base import ReduceOp, WeightPlace
 from nemo_aligner.engines.torch_native import checkpoint, weights
 from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, full_state_dict_on_rank0,
                                                      load_hf_config, load_tokenizer)
@@ -57,7 +57,7 @@ class TorchNativeEngine:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.device = device
-        self.param_dtype = param_dtype
+        self.param_dtype = self.compute_dtype = param_dtype
         self.seed = seed
         self.log_prob_chunk_size = log_prob_chunk_size
         self.dp_group = mesh["dp"].get_group()
@@ -181,15 +181,19 @@ class TorchNativeEngine:
             local.copy_(host)
         self._offloaded = []
 
-    # ------------------------------------------------------------- host weights
-    def allocate_host_weights(self) -> dict[str, torch.Tensor]:
-        return weights.allocate_host_weights(self.module)
+    # ----------------------------------------------------------- weight buffers
+    def allocate_weights(self, where: WeightPlace, *, compute_dtype: bool = False) -> dict[str, torch.Tensor]:
+        device = torch.device("cpu") if where == "host" else self.device
+        return weights.allocate_weights(self.module, device, self.param_dtype if compute_dtype else None)
 
-    def copy_weights_to_host(self, host: dict[str, torch.Tensor]) -> None:
-        weights.copy_weights_to_host(self.module, host)
+    def copy_weights_to(self, buffers: dict[str, torch.Tensor]) -> None:
+        weights.copy_weights_to(self.module, buffers)
 
-    def copy_weights_from_host(self, host: dict[str, torch.Tensor]) -> None:
-        weights.copy_weights_from_host(self.module, host)
+    def copy_weights_from(self, buffers: dict[str, torch.Tensor]) -> None:
+        weights.copy_weights_from(self.module, buffers)
+
+    def weights_fingerprint(self) -> str:
+        return weights.weights_fingerprint(self.module)
 
     # -------------------------------------------------------------- checkpoints
     def save(self, path: str) -> None:

@@ -16,7 +16,7 @@ from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.losses.dpo import dpo_loss_fn, finalize_dpo_metrics
 from nemo_aligner.losses.preference import bind_preference_loss
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
-from nemo_aligner.reference import HostCopyReference, ReferencePolicy
+from nemo_aligner.reference import ReferencePolicy, build_reference_policy, sum_over_scored
 from nemo_aligner.types import ROWS_PER_PAIR, Batch
 
 
@@ -35,20 +35,32 @@ class GPTDPOModel(GPTModel):
 
     rows_per_example = ROWS_PER_PAIR
     config_class = DPOModelConfig
+    auto_reference_precomputed = True  # reference.strategy=auto: precompute (the reference never changes)
 
     def __init__(self, cfg: DPOModelConfig, pretrained: PretrainedCheckpointConfig, trainer: TrainerConfig) -> None:
         self.loss_fn = build_dpo_loss_fn(cfg.dpo)  # checks the loss name before anything is built
         super().__init__(cfg, pretrained, trainer)
         self.dpo = cfg.dpo
-        self.reference: ReferencePolicy = HostCopyReference(self.engine)
+        self.reference: ReferencePolicy = build_reference_policy(cfg.dpo.reference.strategy, self.engine,
+                                                                 precomputable=self.auto_reference_precomputed)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
-        """Log-probs [2P, T-1] under the reference (initial) weights."""
+        """Per-token log-probs [2P, T-1] under the reference (initial) weights (weight-holding strategies)."""
         return self.reference.logprobs(self.micro_batches(batch, self.dpo.log_prob_forward_micro_batch_size))
+
+    def reference_logps(self, batch: Batch) -> torch.Tensor:
+        """The reference's Σ_t log-probs of each row's response, [2P] (every strategy)."""
+        return self.reference.sequence_logps(self.micro_batches(batch, self.dpo.log_prob_forward_micro_batch_size))
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: Batch) -> torch.Tensor:
+        """Σ_t log-probs of each row's response under the current weights, [2P], without gradients."""
+        micro_batches = self.micro_batches(batch, self.dpo.log_prob_forward_micro_batch_size)
+        return sum_over_scored(self.engine.logprobs(micro_batches), micro_batches)
 
     def loss_and_metrics(self, batch: Batch, *, forward_only: bool) -> dict[str, float]:
         """Score the batch against the reference, run forward(/backward), return reduced metrics."""
-        batch = {**batch, "ref_logprobs": self.reference_logprobs(batch)}
+        batch = {**batch, "ref_logps": self.reference_logps(batch)}
         pairs = self.global_sum(torch.tensor(batch["input_ids"].shape[0] // ROWS_PER_PAIR, dtype=torch.float32))
         sums = self.forward_backward(batch, functools.partial(self.loss_fn, global_pairs=pairs), forward_only=forward_only)
         return finalize_dpo_metrics(sums)

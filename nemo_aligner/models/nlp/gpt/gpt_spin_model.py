@@ -18,7 +18,7 @@ from nemo_aligner.losses.reward_metrics import finalize_reward_metrics
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.losses.spin import spin_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
-from nemo_aligner.reference import HostCopyReference, ReferencePolicy
+from nemo_aligner.reference import ReferencePolicy, build_reference_policy
 from nemo_aligner.types import ROWS_PER_PAIR, Batch
 
 
@@ -32,7 +32,8 @@ class GPTSPINModel(GPTModel):
         super().__init__(cfg, pretrained, trainer)
         self.spin = cfg.spin
         self.pad_to_multiple_of = cfg.data.pad_to_multiple_of
-        self.reference: ReferencePolicy = HostCopyReference(self.engine)
+        self.reference: ReferencePolicy = build_reference_policy(cfg.spin.reference.strategy, self.engine,
+                                                                 precomputable=False)
         self.kl_penalty = 0.0
         self.set_KL_penalty_by_iteration(0)
 
@@ -58,6 +59,7 @@ class GPTSPINModel(GPTModel):
                                            offload_optimizer=self.spin.offload_adam_states)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Per-token log-probs [2P, T-1] of a pair batch under the reference."""
         return self.reference.logprobs(self.micro_batches(batch))
 
     def pair_batch(self, prompts: list[torch.Tensor], actual: list[torch.Tensor],
@@ -70,7 +72,7 @@ class GPTSPINModel(GPTModel):
 
     def loss_and_metrics(self, pairs: Batch, *, forward_only: bool = False) -> dict[str, float]:
         """Forward(/backward) of the SPIN loss on a pair batch; reduced metrics."""
-        pairs = {**pairs, "ref_logprobs": self.reference_logprobs(pairs)}
+        pairs = {**pairs, "ref_logps": self.reference.sequence_logps(self.micro_batches(pairs))}
         global_pairs = self.global_sum(torch.tensor(pairs["input_ids"].shape[0] // ROWS_PER_PAIR, dtype=torch.float32))
         loss_fn = functools.partial(spin_loss_fn, beta=self.kl_penalty, global_pairs=global_pairs)
         return finalize_reward_metrics(self.forward_backward(pairs, loss_fn, forward_only=forward_only))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nemo_aligner.engines.base import Engine
-from nemo_aligner.reference import HostCopyReference, ReferencePolicy
+from nemo_aligner.reference import ReferencePolicy, WeightCopyReference
 from nemo_aligner.types import Batch
 
 
@@ -44,8 +44,8 @@ class ReferencePolicyMethods:
         """Per-token log-probs [2B, T-1] of a pair batch under the reference."""
         return self.reference_logprobs(batch)  # type: ignore[attr-defined]
 
-    def _host_copy_reference(self) -> HostCopyReference:
-        if not isinstance(self.reference, HostCopyReference):
-            raise AttributeError(f"ref_policy_state_dict is the host-copy reference's weights; this model's reference is "
-                                 f"a {type(self.reference).__name__}")
+    def _host_copy_reference(self) -> WeightCopyReference:
+        if not isinstance(self.reference, WeightCopyReference):
+            raise AttributeError(f"ref_policy_state_dict is the weights of a swap or resident reference; this model's "
+                                 f"reference is {self.reference.name}")
         return self.reference

@@ -1,8 +1,12 @@
-"""The reference as a host copy of the weights, swapped into the network when it is used.
+"""The reference as a copy of the weights, swapped into the network when it is used.
 
-This is NeMo-Aligner's strategy (its retrieve_model_state_dict_in_cpu / cpu_weight_swap): the copy
-costs no device memory, and each use moves the weights host -> device and back. Both the reference
-copy and the stash that keeps the training weights meanwhile are allocated once.
+Two strategies share this class:
+- swap (NeMo-Aligner's: retrieve_model_state_dict_in_cpu / cpu_weight_swap): the copy lives in host
+  memory and costs no device memory; each use moves it host -> device, with the training weights
+  kept aside in a host buffer meanwhile;
+- resident: the copy lives on the device in the compute dtype (bf16 under mixed precision: exactly
+  the values the forward uses), with the training weights kept aside on the device: no host traffic.
+Both the copy and the buffer for the training weights are allocated once.
 """
 
 from __future__ import annotations
@@ -12,47 +16,54 @@ from typing import Iterator, Sequence
 
 import torch
 
-from nemo_aligner.engines.base import Engine
+from nemo_aligner.engines.base import Engine, WeightPlace
+from nemo_aligner.reference.base import sum_over_scored
 from nemo_aligner.types import Batch
 
-HostWeights = dict[str, torch.Tensor]
+Weights = dict[str, torch.Tensor]
 
 
-def host_copy_of_weights(engine: Engine) -> HostWeights:
+def host_copy_of_weights(engine: Engine) -> Weights:
     """A new host copy of this rank's weights (pinned where CUDA exists), independent of later updates."""
-    host = engine.allocate_host_weights()
-    engine.copy_weights_to_host(host)
+    host = engine.allocate_weights("host")
+    engine.copy_weights_to(host)
     return host
 
 
 @contextlib.contextmanager
-def weights_swapped_in(engine: Engine, weights: HostWeights, *, stash: HostWeights) -> Iterator[None]:
+def weights_swapped_in(engine: Engine, weights: Weights, *, stash: Weights) -> Iterator[None]:
     """Inside the block the network holds `weights`; the training weights wait in `stash` and are
     restored bit for bit on exit, also on error. Optimizer state and gradients are untouched."""
-    engine.copy_weights_to_host(stash)
-    engine.copy_weights_from_host(weights)  # checks names and shapes before changing anything
+    engine.copy_weights_to(stash)
+    engine.copy_weights_from(weights)  # checks names and shapes before changing anything
     try:
         yield
     finally:
-        engine.copy_weights_from_host(stash)
+        engine.copy_weights_from(stash)
 
 
-class HostCopyReference:
-    """ReferencePolicy holding the reference as host weights (see the module docstring)."""
+class WeightCopyReference:
+    """ReferencePolicy holding the reference as a copy of the weights (see the module docstring)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, resident: bool) -> None:
         """Takes the network's current weights as the reference."""
         self.engine = engine
-        self.weights = host_copy_of_weights(engine)
-        self._stash: HostWeights | None = None
+        self.place: WeightPlace = "device" if resident else "host"
+        self.weights = engine.allocate_weights(self.place, compute_dtype=resident)
+        engine.copy_weights_to(self.weights)
+        self._stash: Weights | None = None
         self._active = False
+
+    @property
+    def name(self) -> str:
+        return "resident" if self.place == "device" else "swap"
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         if self._active:  # a nested swap would stash the reference over the training weights
             raise RuntimeError("the reference is already active; its blocks cannot nest")
         if self._stash is None:
-            self._stash = self.engine.allocate_host_weights()
+            self._stash = self.engine.allocate_weights(self.place)
         self._active = True
         try:
             with weights_swapped_in(self.engine, self.weights, stash=self._stash):
@@ -60,9 +71,9 @@ class HostCopyReference:
         finally:
             self._active = False
 
-    def set_weights(self, weights: HostWeights) -> None:
+    def set_weights(self, weights: Weights) -> None:
         """Make `weights` (this rank's local pieces, by name, as host_copy_of_weights gives) the
-        reference; copied into the existing host buffers after names and shapes are checked."""
+        reference; copied into the existing buffers after names and shapes are checked."""
         if weights.keys() != self.weights.keys():
             missing, extra = sorted(self.weights.keys() - weights.keys()), sorted(weights.keys() - self.weights.keys())
             raise KeyError(f"reference weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -76,8 +87,11 @@ class HostCopyReference:
         with self.active():
             return self.engine.logprobs(micro_batches)
 
+    def sequence_logps(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        return sum_over_scored(self.logprobs(micro_batches), micro_batches)
+
     def become_current_policy(self) -> None:
-        self.engine.copy_weights_to_host(self.weights)
+        self.engine.copy_weights_to(self.weights)
 
     def save(self, path: str) -> None:
         with self.active():
@@ -86,4 +100,4 @@ class HostCopyReference:
     def load(self, path: str) -> None:
         with self.active():
             self.engine.load(path, with_optimizer=False)
-            self.engine.copy_weights_to_host(self.weights)
+            self.engine.copy_weights_to(self.weights)
