@@ -73,7 +73,7 @@ def test_shipped_yaml_lists_every_schema_key_and_loads(name: str) -> None:
 
 @pytest.mark.parametrize("override, message", [
     ("+model.optim.lrr=1", r"unknown config key 'model.optim.lrr'"),
-    ("trainer.precision=fp16", r"'trainer.precision'.*expected one of \[bf16, fp32\]"),
+    ("trainer.precision=fp16", r"'trainer.precision'.*expected one of \[bf16, bf16_pure, fp32\]"),
     ("model.micro_batch_size=0", r"model.micro_batch_size=0 is invalid: it must be >= 1"),
     ("model.optim.sched.min_lr=1.0", r"model.optim.sched.min_lr=1.0 is invalid: it must be <= model.optim.lr"),
     ("pretrained_checkpoint.model_config={model_type: llama}", r"exactly one of pretrained_checkpoint.restore_from_path"),

@@ -148,3 +148,43 @@ def test_attention_implementation_is_a_config_choice_with_a_per_family_default(f
         GPTModel(model_cfg(), PretrainedCheckpointConfig(restore_from_path=None, tokenizer_path=family_dir("llama"),
                                                          model_config={"model_type": "llama", "attn_implementation": "eager"}),
                  FP32)
+
+
+def test_compiled_checkpointed_layers_give_the_eager_loss_and_gradients_without_recompiling(llama_dir: str) -> None:
+    """torch.compile per layer and activation checkpointing (both GPU defaults or options) change
+    nothing in the values; a second step of the same shape compiles nothing new."""
+    import torch._dynamo
+
+    batch = right_padded_batch(4, 11, 48, seed=1)
+    results = []
+    for fast in (False, True):
+        model = GPTModel(model_cfg(torch_compile=fast, activations_checkpoint_granularity="full" if fast else None),
+                         pretrained(llama_dir), FP32)
+        loss = model.forward_backward(batch, _sft(batch))["loss"]
+        results.append((loss, {n: _full(p.grad).clone() for n, p in model.engine.module.named_parameters()}))
+    assert list(results[1][1]) == list(results[0][1])  # parameter names unchanged by the wrappers
+    assert results[1][0].item() == pytest.approx(results[0][0].item(), abs=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model.forward_backward(batch, _sft(batch))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_pure_bf16_keeps_weights_and_optimizer_state_in_bf16_and_trains(llama_dir: str) -> None:
+    from nemo_aligner.config.schema import Precision, TrainerConfig
+
+    batch = right_padded_batch(4, 11, 48, seed=2)
+    losses = {}
+    for precision in (Precision.bf16, Precision.bf16_pure):
+        model = GPTModel(model_cfg(), pretrained(llama_dir), TrainerConfig(devices=1, precision=precision))
+        model.setup_optimizer(max_steps=2)
+        losses[precision] = [model.forward_backward(batch, _sft(batch))["loss"].item()]
+        model.optimizer_step(1.0)
+        losses[precision].append(model.forward_backward(batch, _sft(batch))["loss"].item())
+        dtypes = {_full(p).dtype for p in model.engine.module.parameters()}
+        states = {v.dtype for s in model.engine.optimizer.state.values() for v in s.values() if v.dim() > 0}
+        expected = torch.bfloat16 if precision is Precision.bf16_pure else torch.float32
+        assert dtypes == {expected} and states == {expected}, precision
+    assert losses[Precision.bf16_pure][0] == pytest.approx(losses[Precision.bf16][0], abs=2e-2)  # bf16 compute both
+    assert losses[Precision.bf16_pure][1] < losses[Precision.bf16_pure][0]  # it trains

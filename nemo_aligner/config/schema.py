@@ -15,9 +15,16 @@ from nemo_aligner.types import LengthPolicy, require
 
 
 class Precision(enum.Enum):
-    """Training precision: bf16 mixed precision (fp32 master weights and reductions) or fp32."""
+    """Training precision (README's "Precision").
+
+    bf16: bf16 compute, fp32 master weights, optimizer state and gradient reductions (trains like fp32);
+    bf16_pure: weights and optimizer state in bf16 too: faster and half the memory, but small
+        updates round away once they are below bf16's resolution of the weight (a speed mode);
+    fp32: everything in fp32.
+    """
 
     bf16 = "bf16"
+    bf16_pure = "bf16_pure"
     fp32 = "fp32"
 
 
@@ -123,9 +130,13 @@ class ModelConfig:
     # Attention kernel (transformers' attn_implementation: sdpa, eager, flash_attention_2, ...);
     # null: sdpa where the model family supports it, eager otherwise (e.g. Gemma2).
     attn_implementation: Optional[str] = None
+    torch_compile: Optional[bool] = None  # torch.compile each decoder layer; null: on with CUDA, off on CPU
+    activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute every decoder layer)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        require(self.activations_checkpoint_granularity in (None, "full"), "model.activations_checkpoint_granularity",
+                self.activations_checkpoint_granularity, "null or full")
         for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
                     "pipeline_model_parallel_size", "encoder_seq_length", "log_prob_chunk_size"):
             require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), ">= 1")

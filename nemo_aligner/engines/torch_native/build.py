@@ -43,11 +43,11 @@ def attention_implementation(config: PretrainedConfig, requested: str | None) ->
     return "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
 
 
-def build_meta_model(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
-    """The network with every parameter on `meta` and every buffer materialised on CPU."""
+def build_meta_model(config: PretrainedConfig, attn_implementation: str, *, dtype: torch.dtype) -> nn.Module:
+    """The network with every parameter on `meta` in `dtype` and every buffer materialised on CPU."""
     with _parameters_on_meta():
         try:
-            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
         except (ValueError, ImportError) as err:  # an unknown kernel, one the family lacks, or a missing package
             raise ValueError(f"model.attn_implementation={attn_implementation!r}: {err}") from None
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -37,6 +38,30 @@ class NonFiniteGradientError(FloatingPointError):
     """The gradient norm is NaN or inf; the optimizer step was skipped and gradients cleared."""
 
 
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the network computes: dtypes, kernels, compilation, recomputation."""
+
+    compute_dtype: torch.dtype  # what the forward and backward run in
+    master_dtype: torch.dtype  # what the weights and optimizer state are stored in
+    attn_implementation: str
+    compile_layers: bool
+    activation_checkpointing: bool
+    log_prob_chunk_size: int
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, precision: Precision, hf_config: PretrainedConfig,
+                    device: torch.device) -> "ComputeOptions":
+        """bf16: bf16 compute, fp32 weights and optimizer state; bf16_pure: everything bf16; fp32: fp32."""
+        compute = torch.float32 if precision is Precision.fp32 else torch.bfloat16
+        compile_layers = model.torch_compile if model.torch_compile is not None else device.type == "cuda"
+        return cls(compute_dtype=compute, master_dtype=torch.bfloat16 if precision is Precision.bf16_pure else torch.float32,
+                   attn_implementation=attention_implementation(hf_config, model.attn_implementation),
+                   compile_layers=compile_layers,
+                   activation_checkpointing=model.activations_checkpoint_granularity == "full",
+                   log_prob_chunk_size=model.log_prob_chunk_size)
+
+
 class TorchNativeEngine:
     """Owns the parallel module, optimizer and scheduler; speaks only in batches and tensors."""
 
@@ -48,28 +73,28 @@ class TorchNativeEngine:
         mesh: DeviceMesh,
         device: torch.device,
         restore_from_path: str | None,
-        param_dtype: torch.dtype,
+        options: ComputeOptions,
         seed: int,
-        log_prob_chunk_size: int,
-        attn_implementation: str,
     ) -> None:
         self.hf_config = hf_config
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.device = device
-        self.param_dtype = self.compute_dtype = param_dtype
+        self.options = options
+        self.param_dtype = self.compute_dtype = options.compute_dtype
         self.seed = seed
-        self.log_prob_chunk_size = log_prob_chunk_size
+        self.log_prob_chunk_size = options.log_prob_chunk_size
         self.dp_group = mesh["dp"].get_group()
         self.tp_group = mesh["tp"].get_group()
         self.dp_size, self.dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
         self.tp_size, self.tp_rank = mesh["tp"].size(), mesh["tp"].get_local_rank()
         self.data_parallel = DataParallel(rank=self.dp_rank, size=self.dp_size)
         self.model_parallel_group = self.tp_group
-        self.attn_implementation = attn_implementation
-        self.module: nn.Module = build_meta_model(hf_config, attn_implementation)
+        self.attn_implementation = options.attn_implementation
+        self.module: nn.Module = build_meta_model(hf_config, options.attn_implementation, dtype=options.master_dtype)
         self.architecture = type(self.module).__name__
-        parallelize(self.module, mesh, param_dtype=param_dtype)
+        parallelize(self.module, mesh, compute_dtype=options.compute_dtype,
+                    activation_checkpointing=options.activation_checkpointing, compile_layers=options.compile_layers)
         materialize(self.module, device, full_state_dict_on_rank0(restore_from_path, hf_config, seed))
         # Dropout stays off (as TRL's disable_dropout): policy and reference log-probs must be the
         # same deterministic function of the weights, and results must not depend on the layout.
@@ -80,8 +105,11 @@ class TorchNativeEngine:
         self._offloaded: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def describe(self) -> str:
-        return (f"{self.architecture}: {self.num_parameters() / 1e6:.1f}M parameters, dp={self.dp_size} "
-                f"tp={self.tp_size}, compute in {str(self.param_dtype).removeprefix('torch.')}, {self.attn_implementation} attention")
+        options, name = self.options, lambda dtype: str(dtype).removeprefix("torch.")
+        return (f"{self.architecture}: {self.num_parameters() / 1e6:.1f}M parameters, dp={self.dp_size} tp={self.tp_size}, "
+                f"{name(options.compute_dtype)} compute on {name(options.master_dtype)} weights, "
+                f"{options.attn_implementation} attention{', compiled layers' if options.compile_layers else ''}"
+                f"{', activation checkpointing' if options.activation_checkpointing else ''}")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())  # DTensor numel is the global size
@@ -153,7 +181,9 @@ class TorchNativeEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.dp_rank * 7_919 + self.generation_calls)
         self.generation_calls += 1
-        with gathered_for_decoding(self.module):
+        # eager: one-token steps and a growing KV cache would only add compiled graphs
+        with gathered_for_decoding(self.module, layers_reshard_after_forward=self.dp_size > 1), \
+                torch.compiler.set_stance("force_eager"):
             return generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             generator=generator, dp_group=self.dp_group)
@@ -237,9 +267,7 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
     return TorchNativeEngine(
         hf_config=hf_config, tokenizer=load_tokenizer(tokenizer_path), mesh=build_mesh(dims, device), device=device,
         restore_from_path=pretrained.restore_from_path,
-        param_dtype=torch.bfloat16 if trainer.precision is Precision.bf16 else torch.float32, seed=model.seed,
-        log_prob_chunk_size=model.log_prob_chunk_size,
-        attn_implementation=attention_implementation(hf_config, model.attn_implementation),
+        options=ComputeOptions.from_config(model, trainer.precision, hf_config, device), seed=model.seed,
     )
 
 

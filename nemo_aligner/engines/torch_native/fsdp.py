@@ -25,26 +25,30 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               reshard_after_forward: bool) -> None:
     """Shard parameters, gradients and optimizer state over `dp_mesh`; compute in `param_dtype`.
 
-    Master weights stay fp32; `reduce_dtype` fp32 keeps gradient reductions exact enough for
-    layout parity. Applied even for dp=1 so that precision handling is the same in every layout.
+    The stored weights keep their dtype (fp32 masters under mixed precision); `reduce_dtype` fp32 keeps
+    gradient reductions exact enough for layout parity. Applied even for dp=1 so that precision
+    handling is the same in every layout; there `reshard_after_forward=False` keeps each layer's
+    compute-dtype copy for its backward instead of casting it again (resharding would free nothing
+    another rank holds).
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     log_rank0(logger, "applied FSDP2 over %d ranks (param %s, reduce %s)", dp_mesh.size(), param_dtype, reduce_dtype)
 
 
 @contextlib.contextmanager
-def gathered_for_decoding(model: nn.Module) -> Iterator[None]:
+def gathered_for_decoding(model: nn.Module, *, layers_reshard_after_forward: bool) -> Iterator[None]:
     """Keep every FSDP unit gathered across the many one-token forwards of a generate call.
 
     Otherwise each decode step re-runs the all-gather (and bf16 cast) of every unit, which
-    dominates decoding time. On exit the layers get back FSDP's default (reshard after forward),
-    the root its own (stay gathered until backward), and everything is resharded.
+    dominates decoding time. On exit the layers get back their setting (apply_fsdp's), the root
+    its own (stay gathered until backward), and everything is resharded.
     """
     if not isinstance(model, FSDPModule):
         raise TypeError(f"{type(model).__name__} is not an FSDP2 module")
@@ -52,7 +56,7 @@ def gathered_for_decoding(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(layers_reshard_after_forward)
         model.set_reshard_after_forward(False, recurse=False)
         reshard_fsdp(model)
 

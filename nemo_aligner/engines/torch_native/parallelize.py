@@ -7,18 +7,29 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
+from nemo_aligner.engines.torch_native.activation_checkpoint import apply_activation_checkpointing
+from nemo_aligner.engines.torch_native.compile import apply_compile
 from nemo_aligner.engines.torch_native.fsdp import apply_fsdp
 from nemo_aligner.engines.torch_native.tensor_parallel import apply_tp
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype) -> None:
-    """Apply, in this order, tensor parallel (inner mesh dim) then FSDP (outer dim) in place.
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype, activation_checkpointing: bool,
+                compile_layers: bool) -> None:
+    """Apply, in this order and in place: tensor parallel (inner mesh dim), activation checkpointing,
+    torch.compile (per decoder layer), FSDP (outer dim).
 
-    The order matters: FSDP must wrap parameters that are already TP DTensors to make them 2-D.
+    FSDP must wrap parameters that are already TP DTensors to make them 2-D; checkpointing goes
+    around a layer's whole call, so FSDP's gather hooks run again in the recomputation; compile sees
+    the plain layer and FSDP's hooks stay outside its graph.
     """
     if mesh["tp"].size() > 1:
         apply_tp(model, mesh["tp"])
-    apply_fsdp(model, mesh["dp"], param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile_layers:
+        apply_compile(model)
+    apply_fsdp(model, mesh["dp"], param_dtype=compute_dtype, reduce_dtype=torch.float32,
+               reshard_after_forward=mesh["dp"].size() > 1)
 
 
 def materialize(model: nn.Module, device: torch.device, full_state_dict: dict[str, torch.Tensor]) -> None:
