@@ -3,8 +3,10 @@
     torchrun --nproc_per_node 1 benchmarks/dpo_throughput.py --shape qwen2.5-0.5b --seq-len 1024 \
         --global-pairs 64 --micro-pairs 4 --steps 8
 
-Each step does what DPOTrainer does: reference log-probs (the reference policy, weights swapped in from the host), the
-policy's forward/backward over micro-batches of whole pairs, one AdamW step. Prints tokens/s,
+Each step does what DPOTrainer does with an online reference (--reference resident: a compute-dtype copy on the
+device; swap: the weights exchanged with a host copy): reference log-probs, the policy's forward/backward over
+micro-batches of whole pairs, one AdamW step. The precomputed reference (DPO's default) is measured against TRL by
+dpo_vs_trl.py; this script is for scaling across GPUs and layouts. Prints tokens/s,
 pairs/s, step time, model FLOPs utilisation against a bf16 matmul peak measured in the same run,
 and peak GPU memory.
 """
@@ -21,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig
-from nemo_aligner.config.schema import OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
+from nemo_aligner.config.schema import (OptimConfig, Precision, PretrainedCheckpointConfig, ReferenceConfig,
+                                        ReferenceStrategy, TrainerConfig)
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 from nemo_aligner.types import ROWS_PER_PAIR, chosen_rows, rejected_rows
 
@@ -102,7 +105,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="bf16")
+    parser.add_argument("--reference", choices=["resident", "swap"], default="resident")
     parser.add_argument("--tokenizer", default="examples/tiny/model", help="only its pad/eos ids are used")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -111,7 +115,9 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = DPOModelConfig(micro_batch_size=args.micro_pairs, global_batch_size=args.global_pairs,
                          tensor_model_parallel_size=args.tp, encoder_seq_length=args.seq_len,
-                         optim=OptimConfig(lr=1e-6), dpo=DPOLossConfig(log_prob_forward_micro_batch_size=args.ref_micro_pairs))
+                         optim=OptimConfig(lr=1e-6),
+                         dpo=DPOLossConfig(log_prob_forward_micro_batch_size=args.ref_micro_pairs,
+                                           reference=ReferenceConfig(strategy=ReferenceStrategy(args.reference))))
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=shape, tokenizer_path=args.tokenizer),
                          TrainerConfig(devices=world, precision=Precision(args.precision)))
     policy.setup_optimizer(max_steps=args.steps + args.warmup)
@@ -138,7 +144,7 @@ def main() -> None:
     flops = 4 * tokens * forward_flops_per_token(shape, args.seq_len)
     result = {
         "shape": args.shape, "parameters": policy.engine.num_parameters(), "gpus": world, "tp": args.tp,
-        "precision": args.precision, "seq_len": args.seq_len, "global_pairs": args.global_pairs,
+        "precision": args.precision, "reference": args.reference, "seq_len": args.seq_len, "global_pairs": args.global_pairs,
         "micro_pairs": args.micro_pairs, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
         "pairs_per_s": args.global_pairs / step_time, "model_tflops_per_step": flops / 1e12,
         "achieved_tflops_per_gpu": flops / step_time / world / 1e12, "measured_bf16_peak_tflops": peak / 1e12,
