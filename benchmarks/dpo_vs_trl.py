@@ -7,8 +7,10 @@ tokens and chosen / rejected responses of 256 tokens each (no padding), 8 pairs 
 sigmoid loss, beta 0.1; plus our README configuration (512 + 512 tokens, 64 pairs, micro-batches of
 8). Each run is a worker subprocess, one after another on the same GPU, so peak memory is per run:
 
-  trl_default        TRL 1.16 DPOTrainer: fp32 weights + bf16 autocast, a separate reference model
+  trl_default        TRL 1.16 DPOTrainer as configured by default: fp32 weights + bf16 autocast, a separate
+                     reference model, gradient checkpointing (DPOConfig's default)
   trl_precompute     TRL with precompute_ref_log_probs=True
+  trl_no_checkpointing  TRL default but gradient_checkpointing=False (faster, more memory)
   ours_precomputed   trainer.precision=bf16 (fp32 master weights), reference precomputed
   ours_resident      bf16 with fp32 masters, reference resident (online, on the device)
   ours_pure_bf16     trainer.precision=bf16_pure, reference precomputed
@@ -39,8 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dpo_throughput import SHAPES, forward_flops_per_token, measure_bf16_peak, sync  # noqa: E402
 
 RUNS = {
-    "trl_default": dict(system="trl", precompute=False),
-    "trl_precompute": dict(system="trl", precompute=True),
+    "trl_default": dict(system="trl", precompute=False, gradient_checkpointing=True),
+    "trl_precompute": dict(system="trl", precompute=True, gradient_checkpointing=True),
+    "trl_no_checkpointing": dict(system="trl", precompute=False, gradient_checkpointing=False),
     "ours_precomputed": dict(system="ours", precision="bf16", reference="precomputed"),
     "ours_resident": dict(system="ours", precision="bf16", reference="resident"),
     "ours_pure_bf16": dict(system="ours", precision="bf16_pure", reference="precomputed"),
@@ -114,7 +117,8 @@ def run_trl(spec: dict, args: argparse.Namespace) -> dict:
     config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
                        learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], max_length=None, bf16=True,
                        max_steps=args.warmup + args.steps, logging_steps=10_000, save_strategy="no", report_to=[],
-                       precompute_ref_log_probs=spec["precompute"], dataloader_num_workers=0, seed=0,
+                       precompute_ref_log_probs=spec["precompute"], gradient_checkpointing=spec["gradient_checkpointing"],
+                       dataloader_num_workers=0, seed=0,
                        use_cpu=not torch.cuda.is_available())
     # TRL loads its reference from the policy's checkpoint path; a random model has none, so it gets a copy,
     # which is what that load gives
@@ -185,18 +189,63 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
         sync()
         result["precompute_pairs_per_s"] = len(data) / (time.perf_counter() - start)
     _reset_peak_memory()
+    result["memory_before_steps_gib"] = _allocated_gib()
+
+    def step(index: int) -> None:
+        policy.loss_and_metrics(collate([data[(index * args.pairs + i) % len(data)] for i in range(args.pairs)]),
+                                forward_only=False)
+        policy.optimizer_step(1.0)
+
     times = []
-    for step in range(args.warmup + args.steps):
-        batch = collate([data[(step * args.pairs + i) % len(data)] for i in range(args.pairs)])
+    for index in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
-        policy.loss_and_metrics(batch, forward_only=False)
-        policy.optimizer_step(1.0)
+        step(index)
         sync()
         times.append(time.perf_counter() - start)
     result.update(_step_summary(times[args.warmup:], args, online_reference=not isinstance(policy.reference, PrecomputedReference)))
+    result["memory_between_steps_gib"] = _allocated_gib()
     result["engine"] = policy.engine.describe()
+    if args.profile:
+        result["profile"] = profile_steps(step, os.path.join(args.profile, args.worker))
     return result
+
+
+KERNEL_CLASSES = {"matmul": ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "sm100_xmma"),
+                  "attention": ("flash", "fmha", "attention", "efficient"),
+                  "communication": ("nccl",)}
+
+
+def profile_steps(step, prefix: str, steps: int = 2) -> dict:  # noqa: ANN001
+    """Profile `steps` more steps: the top kernels by device time to `prefix`_kernels.txt, and the device time
+    by kernel class (matmul, attention, communication, other) and the host-side gap returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    sync()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for index in range(steps):
+            step(10_000 + index)
+        sync()
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    with open(prefix + "_kernels.txt", "w") as f:
+        f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    device_us = {"matmul": 0.0, "attention": 0.0, "communication": 0.0, "other": 0.0}
+    for event in events:
+        if event.device_type.name != "CUDA" or event.self_device_time_total <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, marks in KERNEL_CLASSES.items() if any(m in name for m in marks)), "other")
+        device_us[kind] += event.self_device_time_total
+    busy = sum(device_us.values()) / 1e6 / steps
+    return {"wall_s_per_step": wall, "device_busy_s_per_step": busy, "device_idle_share": 1 - busy / wall,
+            "device_s_per_step_by_class": {k: v / 1e6 / steps for k, v in device_us.items()}}
+
+
+def _allocated_gib() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- both
@@ -238,6 +287,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     parser.add_argument("--tokenizer", default="examples/tiny/model", help="ours: only its pad/eos ids are used")
+    parser.add_argument("--profile", default=None, help="ours: profile two more steps, kernel tables under this folder")
     parser.add_argument("--run-timeout", type=float, default=600, help="seconds one run may take")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -223,3 +223,28 @@ def test_tensor_parallel_matches_single_process(tmp_path):
         torch.testing.assert_close(grad_h.double(), ref_h, rtol=0, atol=1e-5, msg=f"linear: d hidden on rank {rank}")
     grad_w = torch.cat([results["linear"][2] for results in per_rank])
     torch.testing.assert_close(grad_w.double(), ref_w, rtol=0, atol=1e-5, msg="linear: d weight (vocab shards)")
+
+
+def test_compiled_kernels_equal_eager(monkeypatch):
+    """The CUDA path compiles the per-chunk softmax passes; compiled here on CPU, forward and backward of
+    linear_logprobs (bf16 and fp32, a ragged last chunk) equal the eager path, and an fp32 input is not mutated."""
+    import nemo_aligner.utils.logprobs as logprobs
+
+    compiled = {fn: torch.compile(fn, dynamic=True) for fn in (logprobs._shifted_sum_exp, logprobs._softmax_grad)}
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(23, 16, generator=generator)
+    weight = torch.randn(40, 16, generator=generator)
+    labels = torch.randint(0, 40, (23,), generator=generator)
+    grad_out = torch.randn(23, generator=generator)
+    for dtype in (torch.float32, torch.bfloat16):
+        results = []
+        for fused in (lambda fn, like: fn, lambda fn, like: compiled[fn]):
+            monkeypatch.setattr(logprobs, "_fused", fused)
+            h, w = (t.to(dtype).requires_grad_(True) for t in (hidden, weight))
+            before = h.detach().clone()
+            out = linear_logprobs(h, w, labels, chunk_size=10)
+            out.backward(grad_out)
+            assert torch.equal(h.detach(), before)
+            results.append((out.detach(), h.grad, w.grad))
+        for eager, fast in zip(*results):
+            torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)

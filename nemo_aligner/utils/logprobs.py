@@ -38,9 +38,7 @@ def _chunk_forward(chunk: torch.Tensor, labels: torch.Tensor, vocab_start_index:
     # max is a selection, so taking it before the upcast is exact.
     chunk_max = chunk.max(dim=-1).values.float()
     _all_reduce(chunk_max, dist.ReduceOp.MAX, group)
-    # The only [C, V_local] fp32 temporary, freed at the end of the statement; copy=True keeps an fp32
-    # input untouched by the in-place ops.
-    sum_exp = chunk.to(torch.float32, copy=True).sub_(chunk_max[:, None]).exp_().sum(dim=-1)
+    sum_exp = _fused(_shifted_sum_exp, chunk)(chunk, chunk_max)
     _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
     target = chunk.gather(1, local_labels[:, None]).squeeze(1).float().masked_fill_(~in_shard, 0.0)
     _all_reduce(target, dist.ReduceOp.SUM, group)
@@ -49,9 +47,39 @@ def _chunk_forward(chunk: torch.Tensor, labels: torch.Tensor, vocab_start_index:
     return (target - chunk_max) - chunk_lse, chunk_max, chunk_lse
 
 
+def _shifted_sum_exp(chunk: torch.Tensor, chunk_max: torch.Tensor) -> torch.Tensor:
+    """sum_v exp(x_v - max) per row of [C, V_local], in fp32. Eagerly, the one fp32 [C, V_local] temporary
+    lives for this statement; copy=True keeps an fp32 input untouched by the in-place ops."""
+    return chunk.to(torch.float32, copy=True).sub_(chunk_max[:, None]).exp_().sum(dim=-1)
+
+
+def _softmax_grad(chunk: torch.Tensor, local_labels: torch.Tensor, in_shard: torch.Tensor, row_max: torch.Tensor,
+                  shifted_lse: torch.Tensor, grad_output: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """grad_output x (onehot(label) - softmax(x)) for [C, V_local], computed in fp32 (eagerly in one fp32
+    temporary), returned in out_dtype."""
+    grad = chunk.to(torch.float32, copy=True)
+    grad.sub_(row_max[:, None]).sub_(shifted_lse[:, None]).exp_().neg_()
+    grad.scatter_add_(1, local_labels[:, None], in_shard[:, None].to(grad.dtype))
+    return grad.mul_(grad_output[:, None]).to(out_dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _fused(fn, like: torch.Tensor):  # noqa: ANN001, ANN202
+    """`fn` compiled into one kernel on CUDA, where the [C, V_local] elementwise passes are memory-bound (one
+    read of the logits instead of an fp32 copy and several passes over it); `fn` as is elsewhere. The same
+    code either way, so the eager path on CPU is the reference the compiled one is tested against."""
+    if like.device.type != "cuda":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 def _chunk_grad(chunk: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, shifted_lse: torch.Tensor,
-                grad_output: torch.Tensor, vocab_start_index: int) -> torch.Tensor:
-    """d(grad_output . log p(label)) / d logits for one chunk [C, V_local], in fp32.
+                grad_output: torch.Tensor, vocab_start_index: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """d(grad_output . log p(label)) / d logits for one chunk [C, V_local], computed in fp32.
 
     No collective: d logp / d x_v = onehot_v - exp(x_v - logsumexp), and the logsumexp saved in the
     forward is already global, so each rank's shard of the gradient is exact using only its own logits.
@@ -59,10 +87,7 @@ def _chunk_grad(chunk: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor
     huge logits, where one rounded logsumexp would not.
     """
     local_labels, in_shard = _localize_labels(labels, vocab_start_index, chunk.shape[-1])
-    grad = chunk.to(torch.float32, copy=True)
-    grad.sub_(row_max[:, None]).sub_(shifted_lse[:, None]).exp_().neg_()
-    grad.scatter_add_(1, local_labels[:, None], in_shard[:, None].to(grad.dtype))
-    return grad.mul_(grad_output[:, None])
+    return _fused(_softmax_grad, chunk)(chunk, local_labels, in_shard, row_max, shifted_lse, grad_output, out_dtype)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -95,7 +120,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for start in range(0, logits.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             grad_logits[start:end] = _chunk_grad(logits[start:end], labels[start:end], row_max[start:end],
-                                                 shifted_lse[start:end], grad_output[start:end], ctx.vocab_start_index)
+                                                 shifted_lse[start:end], grad_output[start:end], ctx.vocab_start_index,
+                                                 logits.dtype)
         return grad_logits, None, None, None, None
 
 
@@ -132,7 +158,7 @@ class _LinearVocabParallelLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             grad = _chunk_grad(hidden[start:end] @ weight.T, labels[start:end], row_max[start:end], shifted_lse[start:end],
-                               grad_output[start:end], ctx.vocab_start_index).to(weight.dtype)
+                               grad_output[start:end], ctx.vocab_start_index, weight.dtype)
             grad_hidden[start:end] = grad @ weight
             grad_weight.add_(grad.T @ hidden[start:end])  # the matmul in the compute dtype, the sum in fp32
             del grad
