@@ -29,6 +29,20 @@ Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
+# This rank's local pieces of the distinct parameters, by name (an engine's weight buffers).
+Weights = dict[str, torch.Tensor]
+
+
+def check_same_weights(expected: Weights, given: Weights, what: str) -> None:
+    """Raise unless `given` has exactly `expected`'s names and shapes (KeyError / ValueError naming `what`)."""
+    if expected.keys() != given.keys():
+        missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+        raise KeyError(f"{what} do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, tensor in expected.items():
+        if tensor.shape != given[name].shape:
+            raise ValueError(f"{what}: {name} has shape {tuple(given[name].shape)}, the model's is {tuple(tensor.shape)}")
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ValueError naming the config key, its value and what it must be, unless `ok`."""
     if not ok:

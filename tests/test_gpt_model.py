@@ -139,7 +139,7 @@ def test_devices_must_match_the_launched_processes(llama_dir: str) -> None:
 
 
 def test_attention_implementation_is_a_config_choice_with_a_per_family_default(family_dir) -> None:
-    defaults = {family: GPTModel(model_cfg(), pretrained(family_dir(family)), FP32).engine.attn_implementation
+    defaults = {family: GPTModel(model_cfg(), pretrained(family_dir(family)), FP32).engine.module.config._attn_implementation
                 for family in ("llama", "gemma2")}
     assert defaults == {"llama": "sdpa", "gemma2": "eager"}  # Gemma2's soft-capped attention has no SDPA path
     eager = GPTModel(model_cfg(attn_implementation="eager"), pretrained(family_dir("llama")), FP32)

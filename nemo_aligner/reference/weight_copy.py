@@ -18,16 +18,15 @@ import torch
 
 from nemo_aligner.engines.base import Engine, WeightPlace
 from nemo_aligner.reference.base import sum_over_scored
-from nemo_aligner.types import Batch
-
-Weights = dict[str, torch.Tensor]
+from nemo_aligner.types import Batch, Weights, check_same_weights
 
 
-def host_copy_of_weights(engine: Engine) -> Weights:
-    """A new host copy of this rank's weights (pinned where CUDA exists), independent of later updates."""
-    host = engine.allocate_weights("host")
-    engine.copy_weights_to(host)
-    return host
+def copy_of_weights(engine: Engine, where: WeightPlace, *, compute_dtype: bool = False) -> Weights:
+    """A new copy of this rank's weights on the host (pinned where CUDA exists) or the device, in the
+    weights' dtype or the compute dtype, independent of later updates."""
+    copy = engine.allocate_weights(where, compute_dtype=compute_dtype)
+    engine.copy_weights_to(copy)
+    return copy
 
 
 @contextlib.contextmanager
@@ -49,8 +48,7 @@ class WeightCopyReference:
         """Takes the network's current weights as the reference."""
         self.engine = engine
         self.place: WeightPlace = "device" if resident else "host"
-        self.weights = engine.allocate_weights(self.place, compute_dtype=resident)
-        engine.copy_weights_to(self.weights)
+        self.weights = copy_of_weights(engine, self.place, compute_dtype=resident)
         self._stash: Weights | None = None
         self._active = False
 
@@ -72,14 +70,9 @@ class WeightCopyReference:
             self._active = False
 
     def set_weights(self, weights: Weights) -> None:
-        """Make `weights` (this rank's local pieces, by name, as host_copy_of_weights gives) the
+        """Make `weights` (this rank's local pieces, by name, as copy_of_weights gives) the
         reference; copied into the existing buffers after names and shapes are checked."""
-        if weights.keys() != self.weights.keys():
-            missing, extra = sorted(self.weights.keys() - weights.keys()), sorted(weights.keys() - self.weights.keys())
-            raise KeyError(f"reference weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-        for name, buffer in self.weights.items():
-            if buffer.shape != weights[name].shape:
-                raise ValueError(f"reference weight {name}: shape {tuple(weights[name].shape)} != {tuple(buffer.shape)}")
+        check_same_weights(self.weights, weights, "reference weights")
         for name, buffer in self.weights.items():
             buffer.copy_(weights[name])
 

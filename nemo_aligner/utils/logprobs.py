@@ -167,6 +167,13 @@ class _LinearVocabParallelLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
+def _sharding_group(tp_group: dist.ProcessGroup | None, chunk_size: int) -> dist.ProcessGroup | None:
+    """The group the vocab is sharded over (None when not sharded), after checking chunk_size."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+
+
 def logprobs_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -198,9 +205,7 @@ def logprobs_from_logits(
         raise ValueError(
             f"labels shape {tuple(labels.shape)} must equal logits shape {tuple(logits.shape)} without its last dim"
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    group = _sharding_group(tp_group, chunk_size)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
     logprobs = _VocabParallelLogprobs.apply(flat_logits, flat_labels, group, vocab_start_index, chunk_size)
@@ -236,7 +241,5 @@ def linear_logprobs(
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels {tuple(labels.shape)} "
                          "must be [N, H], [V_local, H] and [N]")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    group = _sharding_group(tp_group, chunk_size)
     return _LinearVocabParallelLogprobs.apply(hidden, weight, labels, group, vocab_start_index, chunk_size)

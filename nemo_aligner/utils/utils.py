@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from nemo_aligner.config.loader import ConfigError, load_config
 from nemo_aligner.config.schema import ModelConfig, PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.reference.weight_copy import host_copy_of_weights, weights_swapped_in
+from nemo_aligner.reference.weight_copy import copy_of_weights, weights_swapped_in
 from nemo_aligner.utils.checkpoint import TRAINER_STATE, latest_checkpoint
 from nemo_aligner.utils.log_dir import CHECKPOINTS, CONFIG_FILE
 
@@ -43,7 +43,7 @@ def retrieve_model_state_dict_in_cpu(model: HasEngine, megatron_amp_O2: bool = T
     mixed precision, where the stored weights are the bf16 copies inside a Float16Module; here the
     weights are always the fp32 masters the optimizer updates (bf16 is only the compute dtype).
     """
-    return host_copy_of_weights(model.engine)
+    return copy_of_weights(model.engine, "host")
 
 
 @contextlib.contextmanager

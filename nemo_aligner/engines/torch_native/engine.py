@@ -81,16 +81,14 @@ class TorchNativeEngine:
         self.mesh = mesh
         self.device = device
         self.options = options
-        self.param_dtype = self.compute_dtype = options.compute_dtype
+        self.compute_dtype = options.compute_dtype
         self.seed = seed
-        self.log_prob_chunk_size = options.log_prob_chunk_size
         self.dp_group = mesh["dp"].get_group()
         self.tp_group = mesh["tp"].get_group()
         self.dp_size, self.dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
         self.tp_size, self.tp_rank = mesh["tp"].size(), mesh["tp"].get_local_rank()
         self.data_parallel = DataParallel(rank=self.dp_rank, size=self.dp_size)
         self.model_parallel_group = self.tp_group
-        self.attn_implementation = options.attn_implementation
         self.module: nn.Module = build_meta_model(hf_config, options.attn_implementation, dtype=options.master_dtype)
         self.architecture = type(self.module).__name__
         parallelize(self.module, mesh, compute_dtype=options.compute_dtype,
@@ -172,7 +170,7 @@ class TorchNativeEngine:
     def _logprobs(self, mb: Batch) -> torch.Tensor:
         _check_right_padded(mb["attention_mask"])
         return batch_logprobs(self.module, self.hf_config, mb, tp_group=self.tp_group, tp_rank=self.tp_rank,
-                              tp_size=self.tp_size, chunk_size=self.log_prob_chunk_size)
+                              tp_size=self.tp_size, chunk_size=self.options.log_prob_chunk_size)
 
     # --------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
@@ -214,7 +212,7 @@ class TorchNativeEngine:
     # ----------------------------------------------------------- weight buffers
     def allocate_weights(self, where: WeightPlace, *, compute_dtype: bool = False) -> dict[str, torch.Tensor]:
         device = torch.device("cpu") if where == "host" else self.device
-        return weights.allocate_weights(self.module, device, self.param_dtype if compute_dtype else None)
+        return weights.allocate_weights(self.module, device, self.compute_dtype if compute_dtype else None)
 
     def copy_weights_to(self, buffers: dict[str, torch.Tensor]) -> None:
         weights.copy_weights_to(self.module, buffers)
@@ -238,7 +236,7 @@ class TorchNativeEngine:
         checkpoint.save_weights(self.module, path)
 
     def export_hf(self, path: str) -> None:
-        checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=self.param_dtype)
+        checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=self.compute_dtype)
 
     def state_dict(self) -> dict[str, object]:
         """Engine-level training state that is not weights: scheduler and generation counter."""

@@ -15,13 +15,14 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from nemo_aligner.engines.torch_native.fsdp import reshard_fsdp
+from nemo_aligner.types import Weights, check_same_weights
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
-def _local_params(module: nn.Module) -> dict[str, torch.Tensor]:
+def _local_params(module: nn.Module) -> Weights:
     """The sharded parameters' local tensors; FSDP units are resharded first so that these are the
     weights the optimizer updates, not the gathered copies a forward may have left behind."""
     reshard_fsdp(module)
@@ -29,7 +30,7 @@ def _local_params(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def allocate_weights(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def allocate_weights(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Weights:
     """Empty buffers like this rank's local weights on `device` (pinned host memory where CUDA
     exists), in `dtype` (None: the parameters' own)."""
     pin = device.type == "cpu" and torch.cuda.is_available()
@@ -37,24 +38,25 @@ def allocate_weights(module: nn.Module, device: torch.device, dtype: torch.dtype
             for name, local in _local_params(module).items()}
 
 
-@torch.no_grad()
-def copy_weights_to(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+def copy_weights_to(module: nn.Module, buffers: Weights) -> None:
     """buffers[name] <- this rank's local weight `name`, for every parameter."""
-    locals_ = _local_params(module)
-    _check_match(locals_, buffers)
-    for name, local in locals_.items():
-        buffers[name].copy_(local, non_blocking=True)
-    _wait_for_copies()
+    _copy(module, buffers, into_buffers=True)
+
+
+def copy_weights_from(module: nn.Module, buffers: Weights) -> None:
+    """This rank's local weights <- buffers; everything is validated before any weight changes."""
+    _copy(module, buffers, into_buffers=False)
 
 
 @torch.no_grad()
-def copy_weights_from(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
-    """This rank's local weights <- buffers; everything is validated before any weight changes."""
+def _copy(module: nn.Module, buffers: Weights, *, into_buffers: bool) -> None:
     locals_ = _local_params(module)
-    _check_match(locals_, buffers)
+    check_same_weights(locals_, buffers, "weight buffers")
     for name, local in locals_.items():
-        local.copy_(buffers[name], non_blocking=True)
-    _wait_for_copies()
+        destination, source = (buffers[name], local) if into_buffers else (local, buffers[name])
+        destination.copy_(source, non_blocking=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the host side may read or reuse the buffers right after
 
 
 @torch.no_grad()
@@ -70,17 +72,3 @@ def weights_fingerprint(module: nn.Module) -> str:
         sums = sums.full_tensor() if isinstance(sums, DTensor) else sums
         digest.update(f"{name}:{tuple(param.shape)}:{sums[0].item():.10e}:{sums[1].item():.10e};".encode())
     return digest.hexdigest()
-
-
-def _wait_for_copies() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _check_match(locals_: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
-    if locals_.keys() != buffers.keys():
-        missing, extra = sorted(locals_.keys() - buffers.keys()), sorted(buffers.keys() - locals_.keys())
-        raise KeyError(f"weight buffers do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, local in locals_.items():
-        if local.shape != buffers[name].shape:
-            raise ValueError(f"{name}: buffer shape {tuple(buffers[name].shape)} != local shard {tuple(local.shape)}")

@@ -60,7 +60,8 @@ class GPTDPOModel(GPTModel):
 
     def loss_and_metrics(self, batch: Batch, *, forward_only: bool) -> dict[str, float]:
         """Score the batch against the reference, run forward(/backward), return reduced metrics."""
-        batch = {**batch, "ref_logps": self.reference_logps(batch)}
-        pairs = self.global_sum(torch.tensor(batch["input_ids"].shape[0] // ROWS_PER_PAIR, dtype=torch.float32))
-        sums = self.forward_backward(batch, functools.partial(self.loss_fn, global_pairs=pairs), forward_only=forward_only)
+        batch = self.on_device(batch)
+        batch["ref_logps"] = self.reference_logps(batch)
+        loss_fn = functools.partial(self.loss_fn, global_pairs=self.global_examples(batch))
+        sums = self.forward_backward(batch, loss_fn, forward_only=forward_only)
         return finalize_dpo_metrics(sums)

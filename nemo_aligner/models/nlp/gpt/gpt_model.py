@@ -133,6 +133,15 @@ class GPTModel:
         """Max over data-parallel ranks (min: -global_max(-x))."""
         return self.engine.reduce_data_parallel(value, "max")
 
+    def global_examples(self, batch: Batch) -> torch.Tensor:
+        """The number of examples in `batch` summed over data-parallel ranks (a loss's normaliser)."""
+        rows = next(iter(batch.values())).shape[0]
+        return self.global_sum(torch.tensor(rows // self.rows_per_example, dtype=torch.float32))
+
+    def on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """`batch` moved to the device once, so the reference's and the policy's passes over it copy nothing."""
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def global_mean(self, values: torch.Tensor) -> float:
         """The mean of every rank's `values` together (each rank may hold a different number)."""
         return (self.global_sum(values.sum()) / self.global_sum(torch.tensor(float(values.numel())))).item()

@@ -43,7 +43,7 @@ class GPTRSActor(GPTModel):
     def loss_and_metrics(self, batch: dict[str, torch.Tensor], *, forward_only: bool = False) -> dict[str, float]:
         """Forward(/backward) of the mean over all ranks' sequences of each one's token-mean NLL;
         returns the reduced `loss` and `num_tokens`."""
-        global_sequences = self.global_sum(torch.tensor(float(batch["input_ids"].shape[0])))
-        sums = self.forward_backward(batch, functools.partial(sequence_mean_nll_loss_fn, global_sequences=global_sequences),
+        sums = self.forward_backward(batch, functools.partial(sequence_mean_nll_loss_fn,
+                                                              global_sequences=self.global_examples(batch)),
                                      forward_only=forward_only)
         return {name: value.item() for name, value in sums.items()}

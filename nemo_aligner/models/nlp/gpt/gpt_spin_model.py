@@ -72,9 +72,9 @@ class GPTSPINModel(GPTModel):
 
     def loss_and_metrics(self, pairs: Batch, *, forward_only: bool = False) -> dict[str, float]:
         """Forward(/backward) of the SPIN loss on a pair batch; reduced metrics."""
-        pairs = {**pairs, "ref_logps": self.reference.sequence_logps(self.micro_batches(pairs))}
-        global_pairs = self.global_sum(torch.tensor(pairs["input_ids"].shape[0] // ROWS_PER_PAIR, dtype=torch.float32))
-        loss_fn = functools.partial(spin_loss_fn, beta=self.kl_penalty, global_pairs=global_pairs)
+        pairs = self.on_device(pairs)
+        pairs["ref_logps"] = self.reference.sequence_logps(self.micro_batches(pairs))
+        loss_fn = functools.partial(spin_loss_fn, beta=self.kl_penalty, global_pairs=self.global_examples(pairs))
         return finalize_reward_metrics(self.forward_backward(pairs, loss_fn, forward_only=forward_only))
 
     def sft_metrics(self, batch: Batch, *, forward_only: bool = True) -> dict[str, float]:

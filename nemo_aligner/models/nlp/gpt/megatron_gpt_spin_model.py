@@ -9,20 +9,14 @@ from __future__ import annotations
 import torch
 
 from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
-from nemo_aligner.models.nlp.gpt.nemo_aligner_api import AdamOffloadMethods, ReferencePolicyMethods
-from nemo_aligner.reference import host_copy_of_weights
+from nemo_aligner.models.nlp.gpt.nemo_aligner_api import AdamOffloadMethods, PairLossMethods, ReferencePolicyMethods
+from nemo_aligner.reference import copy_of_weights
 from nemo_aligner.types import Batch
 
 REFERENCE_KEY = "reference_policy"
 
 
-class MegatronGPTSPINModel(AdamOffloadMethods, ReferencePolicyMethods, GPTSPINModel):
-    def get_loss_and_metrics(self, batch: Batch, forward_only: bool) -> tuple[float, dict[str, float]]:
-        """(loss, metrics) of the SPIN loss on a pair batch: loss, acc, rewards_actual_mean,
-        rewards_generated_mean, rewards_all_mean, rewards_all_std."""
-        metrics = self.loss_and_metrics(batch, forward_only=forward_only)
-        return metrics["loss"], metrics
-
+class MegatronGPTSPINModel(AdamOffloadMethods, PairLossMethods, ReferencePolicyMethods, GPTSPINModel):
     def get_loss_and_metrics_vanilla_sft(self, batch: Batch, forward_only: bool = True) -> tuple[float, dict[str, float]]:
         """(loss, metrics) of the token-mean NLL of an SFT batch's ground-truth responses."""
         metrics = self.sft_metrics(batch, forward_only=forward_only)
@@ -31,8 +25,8 @@ class MegatronGPTSPINModel(AdamOffloadMethods, ReferencePolicyMethods, GPTSPINMo
     def sharded_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """This rank's weight pieces as host copies: the policy's under "model", the reference's under
         "reference_policy" (layout-specific; the trainers' checkpoints are the layout-free ones)."""
-        return {"model": host_copy_of_weights(self.engine),
-                REFERENCE_KEY: {name: weight.clone() for name, weight in self.ref_policy_state_dict.items()}}
+        return {"model": copy_of_weights(self.engine, "host"),
+                REFERENCE_KEY: {name: weight.to("cpu", copy=True) for name, weight in self.ref_policy_state_dict.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, dict[str, torch.Tensor]]) -> None:
         """Take the reference from a sharded_state_dict() (the policy's own weights are the loader's)."""

@@ -26,6 +26,15 @@ class AdamOffloadMethods:
         self.engine.onload_optimizer_state()
 
 
+class PairLossMethods:
+    """get_loss_and_metrics(batch, forward_only) -> (loss, metrics) of a pair batch (DPO and SPIN)."""
+
+    def get_loss_and_metrics(self, batch: Batch, forward_only: bool) -> tuple[float, dict[str, float]]:
+        """(loss, metrics) of a pair batch, scored against the reference; gradients unless forward_only."""
+        metrics = self.loss_and_metrics(batch, forward_only=forward_only)  # type: ignore[attr-defined]
+        return metrics["loss"], metrics
+
+
 class ReferencePolicyMethods:
     """ref_policy_state_dict (the reference's host weights) and get_ref_policy_logprobs."""
 
@@ -33,7 +42,8 @@ class ReferencePolicyMethods:
 
     @property
     def ref_policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The reference's weights: this rank's local pieces, by name, in host memory."""
+        """The reference's weights: this rank's local pieces, by name (host memory for swap, the device
+        in the compute dtype for resident)."""
         return self._host_copy_reference().weights
 
     @ref_policy_state_dict.setter
