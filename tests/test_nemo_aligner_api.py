@@ -147,8 +147,17 @@ def test_infer_returns_the_documented_keys_and_shapes(llama_dir: str) -> None:
     for row, prompt in enumerate(prompts):
         assert out["response_tokens"][row, : len(prompt)].tolist() == prompt
     model.setup_optimizer(max_steps=2)
+    # independently: each row's token-mean NLL over its response tokens (positions prompt_len .. len-1)
+    expected = []
+    for row, (n_prompt, n_all) in enumerate(zip(out["prompt_lengths"].tolist(), out["response_lengths"].tolist())):
+        tokens = out["response_tokens"][row : row + 1, :n_all].cpu()
+        mask = torch.zeros_like(tokens, dtype=torch.float32)
+        mask[:, n_prompt:] = 1
+        logprobs = model.get_logprobs({"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "loss_mask": mask})
+        expected.append(-logprobs[0, n_prompt - 1 :].mean().item())
     loss, metrics = model.get_loss_and_metrics(out, forward_only=False)
-    assert metrics == {"loss": loss} and loss > 0
+    assert metrics == {"loss": loss}
+    assert loss == pytest.approx(sum(expected) / len(expected), abs=1e-5)
     model.optimizer_step(1.0)
     states = [v.to_local() for s in model.engine.optimizer.state.values() for v in s.values() if v.dim() > 0]
     model.prepare_for_inference()  # offloads (model.rs.offload_adam_states is true in the shipped YAML)
