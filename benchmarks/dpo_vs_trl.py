@@ -13,7 +13,10 @@ sigmoid loss, beta 0.1; plus our README configuration (512 + 512 tokens, 64 pair
   trl_no_checkpointing  TRL default but gradient_checkpointing=False (faster, more memory)
   ours_precomputed   trainer.precision=bf16 (fp32 master weights), reference precomputed
   ours_resident      bf16 with fp32 masters, reference resident (online, on the device)
+  ours_swap          bf16 with fp32 masters, reference swapped in from pinned host memory each step
   ours_pure_bf16     trainer.precision=bf16_pure, reference precomputed
+  ours_*checkpointed the same with activation checkpointing per layer (model.activations_checkpoint_granularity=full),
+                     as TRL's default has gradient checkpointing: the memory comparison at equal recomputation
   ours_readme        the README configuration, bf16 with fp32 masters, reference precomputed
 
 A step is timed from a synchronised start to a synchronised end; the median over --steps steps after
@@ -46,7 +49,10 @@ RUNS = {
     "trl_no_checkpointing": dict(system="trl", precompute=False, gradient_checkpointing=False),
     "ours_precomputed": dict(system="ours", precision="bf16", reference="precomputed"),
     "ours_resident": dict(system="ours", precision="bf16", reference="resident"),
+    "ours_swap": dict(system="ours", precision="bf16", reference="swap"),
     "ours_pure_bf16": dict(system="ours", precision="bf16_pure", reference="precomputed"),
+    "ours_checkpointed": dict(system="ours", precision="bf16", reference="precomputed", checkpointing=True),
+    "ours_pure_bf16_checkpointed": dict(system="ours", precision="bf16_pure", reference="precomputed", checkpointing=True),
     "ours_readme": dict(system="ours", precision="bf16", reference="precomputed", prompt_len=512, response_len=512,
                         pairs=64, micro_pairs=8),
 }
@@ -168,6 +174,7 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
 
     micro = spec.get("micro_pairs", args.pairs)
     cfg = DPOModelConfig(micro_batch_size=micro, global_batch_size=args.pairs, encoder_seq_length=args.prompt_len + args.response_len,
+                         activations_checkpoint_granularity="full" if spec.get("checkpointing") else None,
                          optim=OptimConfig(lr=1e-6),
                          dpo=DPOLossConfig(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.ref_micro_pairs,
                                            reference=ReferenceConfig(strategy=ReferenceStrategy(spec["reference"]))))
@@ -191,10 +198,13 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
     _reset_peak_memory()
     result["memory_before_steps_gib"] = _allocated_gib()
 
+    losses = []
+
     def step(index: int) -> None:
-        policy.loss_and_metrics(collate([data[(index * args.pairs + i) % len(data)] for i in range(args.pairs)]),
-                                forward_only=False)
+        metrics = policy.loss_and_metrics(collate([data[(index * args.pairs + i) % len(data)] for i in range(args.pairs)]),
+                                          forward_only=False)
         policy.optimizer_step(1.0)
+        losses.append(metrics["loss"])
 
     times = []
     for index in range(args.warmup + args.steps):
@@ -205,6 +215,7 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     result.update(_step_summary(times[args.warmup:], args, online_reference=not isinstance(policy.reference, PrecomputedReference)))
     result["memory_between_steps_gib"] = _allocated_gib()
+    result["losses"] = losses  # the same data and initialisation in every run of ours: comparable across modes
     result["engine"] = policy.engine.describe()
     if args.profile:
         result["profile"] = profile_steps(step, os.path.join(args.profile, args.worker))

@@ -124,3 +124,12 @@ def write_sft(path: str, examples: int, seed: int = 0) -> str:
             a, b = rng.randint(1, 99), rng.randint(1, 99)
             f.write(json.dumps({"input": f"{a}+{b}=", "output": str(a + b)}) + "\n")
     return path
+
+
+def accumulated_grads(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """A torch_native model's accumulated gradients by parameter name, as full tensors, under either
+    data-parallel sharding (replicated: the engine's fp32 buffers; FSDP: the parameters' .grad)."""
+    engine = model.engine
+    grads = (engine.replicated.gradients() if engine.replicated
+             else {name: p.grad for name, p in engine.module.named_parameters()})
+    return {name: g.full_tensor() if hasattr(g, "full_tensor") else g for name, g in grads.items()}

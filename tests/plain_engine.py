@@ -8,9 +8,10 @@ proves that the engine seam carries. tests/test_engine_seam.py registers it as "
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,10 +129,19 @@ class PlainEngine:
         for name, p in self._checked(buffers).items():
             buffers[name].copy_(p)
 
-    @torch.no_grad()
-    def copy_weights_from(self, buffers: dict[str, torch.Tensor]) -> None:
-        for name, p in self._checked(buffers).items():
-            p.copy_(buffers[name])
+    @contextlib.contextmanager
+    def swapped_weights(self, buffers: dict[str, torch.Tensor]) -> Iterator[None]:
+        params = self._checked(buffers)
+        stash = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(buffers[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(stash[name])
 
     def weights_fingerprint(self) -> str:
         digest = hashlib.sha256()

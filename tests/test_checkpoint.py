@@ -12,14 +12,15 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import FP32, model_cfg, pretrained, right_padded_batch
+from nemo_aligner.config.schema import Precision, TrainerConfig
 from nemo_aligner.engines.torch_native import checkpoint as engine_checkpoint
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.utils.checkpoint import CheckpointManager
 
 
-def _policy(path: str, max_steps: int = 6) -> GPTModel:
-    model = GPTModel(model_cfg(), pretrained(path), FP32)
+def _policy(path: str, max_steps: int = 6, trainer: TrainerConfig = FP32, sharding: str = "auto") -> GPTModel:
+    model = GPTModel(model_cfg(data_parallel_sharding=sharding), pretrained(path), trainer)
     model.setup_optimizer(max_steps=max_steps)
     return model
 
@@ -38,19 +39,22 @@ def _manager(tmp_path, k: int = 2) -> CheckpointManager:
     return CheckpointManager(str(tmp_path / "checkpoints"), save_top_k=k, monitor="val_loss", mode="min")
 
 
-def test_resume_gives_the_same_losses_and_rng(llama_dir: str, tmp_path) -> None:
-    model = _policy(llama_dir)
+@pytest.mark.parametrize("precision,sharding", [("fp32", "replicate"), ("bf16", "replicate"), ("bf16", "fsdp")])
+def test_resume_gives_the_same_losses_and_rng(llama_dir: str, tmp_path, precision: str, sharding: str) -> None:
+    """Bit for bit, also with bf16 weights whose fp32 masters live in the optimizer."""
+    trainer = TrainerConfig(devices=1, precision=Precision(precision))
+    model = _policy(llama_dir, trainer=trainer, sharding=sharding)
     _steps(model, 0, 2)
     path = _manager(tmp_path).save(2, model, {"policy": model}, {"consumed_samples": 8, "epoch": 0})
     expected_rng = torch.rand(3)
     uninterrupted = _steps(model, 2, 5)
 
-    resumed = _policy(llama_dir)
+    resumed = _policy(llama_dir, trainer=trainer, sharding=sharding)
     state = _manager(tmp_path).load(_manager(tmp_path).latest(), resumed, {"policy": resumed})
     assert state["step"] == 2 and state["consumed_samples"] == 8 and path.endswith("step_2")
     assert torch.equal(torch.rand(3), expected_rng)
     assert resumed.engine.scheduler.last_epoch == 2
-    assert _steps(resumed, 2, 5) == pytest.approx(uninterrupted, abs=1e-6)
+    assert _steps(resumed, 2, 5) == uninterrupted
 
 
 def test_interrupted_save_leaves_previous_checkpoint_latest(llama_dir: str, tmp_path, monkeypatch) -> None:

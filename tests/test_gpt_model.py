@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import FAMILIES, FP32, model_cfg, pretrained, right_padded_batch
+from helpers import FAMILIES, FP32, accumulated_grads, model_cfg, pretrained, right_padded_batch
 from nemo_aligner.config.schema import PretrainedCheckpointConfig
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
@@ -27,10 +27,11 @@ def _sft(batch: dict[str, torch.Tensor]) -> functools.partial:
     return functools.partial(sft_loss_fn, global_num_tokens=batch["loss_mask"][:, 1:].sum())
 
 
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, family_dir) -> None:
+def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, sharding: str, family_dir) -> None:
     path = family_dir(family)
-    model = GPTModel(model_cfg(), pretrained(path), FP32)
+    model = GPTModel(model_cfg(data_parallel_sharding=sharding), pretrained(path), FP32)
     model.setup_optimizer(max_steps=10)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     batch = right_padded_batch(4, 11, ref.config.vocab_size, seed=1)
@@ -48,8 +49,8 @@ def test_logprobs_grads_and_adamw_step_match_plain_pytorch(family: str, family_d
     ref_loss.backward()
     assert metrics["loss"].item() == pytest.approx(ref_loss.item(), abs=1e-5)
     ref_params = dict(ref.named_parameters())
-    for name, param in model.engine.module.named_parameters():
-        torch.testing.assert_close(_full(param.grad), ref_params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    for name, grad in accumulated_grads(model).items():
+        torch.testing.assert_close(grad, ref_params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
 
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm=0.05)
     grad_norm, lr = model.optimizer_step(max_grad_norm=0.05)
@@ -69,7 +70,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(llama_dir: str) -> Non
     for micro in (1, 4):
         model = GPTModel(model_cfg(micro_batch_size=micro, global_batch_size=4), pretrained(llama_dir), FP32)
         loss = model.forward_backward(batch, _sft(batch))["loss"]
-        grads.append((loss, {n: _full(p.grad).clone() for n, p in model.engine.module.named_parameters()}))
+        grads.append((loss, {n: g.clone() for n, g in accumulated_grads(model).items()}))
     assert grads[0][0].item() == pytest.approx(grads[1][0].item(), abs=1e-6)
     for name in grads[0][1]:
         torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-6, rtol=1e-5)
@@ -161,7 +162,7 @@ def test_compiled_checkpointed_layers_give_the_eager_loss_and_gradients_without_
         model = GPTModel(model_cfg(torch_compile=fast, activations_checkpoint_granularity="full" if fast else None),
                          pretrained(llama_dir), FP32)
         loss = model.forward_backward(batch, _sft(batch))["loss"]
-        results.append((loss, {n: _full(p.grad).clone() for n, p in model.engine.module.named_parameters()}))
+        results.append((loss, {n: g.clone() for n, g in accumulated_grads(model).items()}))
     assert list(results[1][1]) == list(results[0][1])  # parameter names unchanged by the wrappers
     assert results[1][0].item() == pytest.approx(results[0][0].item(), abs=1e-6)
     for name, grad in results[0][1].items():
@@ -182,9 +183,14 @@ def test_pure_bf16_keeps_weights_and_optimizer_state_in_bf16_and_trains(llama_di
         losses[precision] = [model.forward_backward(batch, _sft(batch))["loss"].item()]
         model.optimizer_step(1.0)
         losses[precision].append(model.forward_backward(batch, _sft(batch))["loss"].item())
-        dtypes = {_full(p).dtype for p in model.engine.module.parameters()}
-        states = {v.dtype for s in model.engine.optimizer.state.values() for v in s.values() if v.dim() > 0}
+        optimizer = model.engine.optimizer
+        masters = [p for group in optimizer.param_groups for p in group["params"]]
+        states = {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim() > 0}
         expected = torch.bfloat16 if precision is Precision.bf16_pure else torch.float32
-        assert dtypes == {expected} and states == {expected}, precision
+        assert {p.dtype for p in masters} == {expected} and states == {expected}, precision
+        # the forward computes with bf16 weights in both: under bf16, rounded copies of the fp32 masters
+        assert {p.dtype for p in model.engine.module.parameters()} == {torch.bfloat16}
+        for param, master in zip(model.engine.replicated.params, model.engine.replicated.masters):
+            assert torch.equal(param, master.to(torch.bfloat16))
     assert losses[Precision.bf16_pure][0] == pytest.approx(losses[Precision.bf16][0], abs=2e-2)  # bf16 compute both
     assert losses[Precision.bf16_pure][1] < losses[Precision.bf16_pure][0]  # it trains

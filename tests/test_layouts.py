@@ -41,17 +41,27 @@ def _close(a: list, b: list, tol: float = TOL) -> None:
     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["dp2_steps", "tp2_steps"])
+@pytest.mark.parametrize("layout", ["dp2_steps", "tp2_steps", "dp2_fsdp_steps"])
 def test_two_processes_match_one_in_loss_grad_norm_and_lr(runs: dict, layout: str) -> None:
+    """Replicated data parallel (the default), tensor parallel and FSDP sharding, all in fp32."""
     _close(runs["parallel"][layout], runs["single"]["steps"])
+
+
+def test_bf16_with_fp32_masters_matches_across_data_parallel_ranks(runs: dict) -> None:
+    """bf16 compute, fp32 masters and fp32 gradient buffers summed over ranks: the same steps as one
+    process up to bf16 rounding of the per-rank partial sums, and close to fp32 training."""
+    _close(runs["parallel"]["dp2_bf16_steps"], runs["single"]["bf16_steps"], tol=2e-3)
+    _close(runs["single"]["bf16_steps"], runs["single"]["steps"], tol=5e-2)
 
 
 def test_qwen2_tensor_parallel_matches_one_process(runs: dict) -> None:
     _close(runs["parallel"]["qwen2_tp2_steps"], runs["single"]["qwen2_steps"])
 
 
-def test_checkpoint_saved_by_one_process_resumes_in_two(runs: dict) -> None:
-    _close(runs["parallel"]["dp2_resumed_from_1proc"], runs["single"]["steps"][2:])
+@pytest.mark.parametrize("layout", ["dp2_resumed_from_1proc", "dp2_fsdp_resumed_from_1proc"])
+def test_checkpoint_saved_by_one_process_resumes_in_two(runs: dict, layout: str) -> None:
+    """Also across shardings: a replicated checkpoint resumes under FSDP."""
+    _close(runs["parallel"][layout], runs["single"]["steps"][2:])
 
 
 def test_checkpoint_saved_by_two_processes_resumes_in_one(runs: dict) -> None:

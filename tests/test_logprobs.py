@@ -240,11 +240,12 @@ def test_compiled_kernels_equal_eager(monkeypatch):
         results = []
         for fused in (lambda fn, like: fn, lambda fn, like: compiled[fn]):
             monkeypatch.setattr(logprobs, "_fused", fused)
-            h, w = (t.to(dtype).requires_grad_(True) for t in (hidden, weight))
+            h, w = (t.to(dtype).clone().requires_grad_(True) for t in (hidden, weight))  # fresh leaves per run
             before = h.detach().clone()
             out = linear_logprobs(h, w, labels, chunk_size=10)
             out.backward(grad_out)
             assert torch.equal(h.detach(), before)
             results.append((out.detach(), h.grad, w.grad))
         for eager, fast in zip(*results):
+            assert fast is not None and eager is not None and fast is not eager
             torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)

@@ -69,7 +69,7 @@ def test_precomputed_values_equal_the_reference_and_the_cache_follows_data_token
     precompute(_dataset(pairs, llama_dir, max_seq_length=5))  # prompts cut by the length policy
     assert len(os.listdir(cache)) == 4
     with torch.no_grad():  # other weights
-        next(model.engine.module.parameters()).to_local().add_(0.1)
+        next(model.engine.module.parameters()).add_(0.1)
     precompute(_dataset(pairs, llama_dir))
     assert len(os.listdir(cache)) == 5
 

@@ -124,6 +124,11 @@ class ModelConfig:
     global_batch_size: int = 8  # examples per optimizer step over all ranks
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # How data-parallel ranks hold the model (torch_native): replicate (each rank the whole model,
+    # one fp32 gradient all-reduce per step; fastest when it fits) | fsdp (FSDP2 shards weights,
+    # gradients and optimizer state) | auto (replicate when the training state, 18 bytes per parameter,
+    # takes at most 40% of a GPU's memory, else fsdp; replicate on CPU).
+    data_parallel_sharding: str = "auto"
     encoder_seq_length: int = 4096  # the longest sequence (prompt + response) the model is fed
     seed: int = 1234
     log_prob_chunk_size: int = 1024  # tokens per fp32 log-softmax chunk (bounds [tokens x vocab] memory)
@@ -135,6 +140,8 @@ class ModelConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        require(self.data_parallel_sharding in ("auto", "replicate", "fsdp"), "model.data_parallel_sharding",
+                self.data_parallel_sharding, "auto, replicate or fsdp")
         require(self.activations_checkpoint_granularity in (None, "full"), "model.activations_checkpoint_granularity",
                 self.activations_checkpoint_granularity, "null or full")
         for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",

@@ -21,15 +21,16 @@ Contracts every engine honours, also one that pipelines the network over stages:
 - `forward_only=True` computes no gradients and leaves parameters, gradients and optimizer state
   as they were; afterwards the sharded (or otherwise canonical) weights are again the only live
   copy, so host copies and checkpoints read and write the weights the optimizer updates.
-- Weight buffers (`allocate_weights`, `copy_weights_to`, `copy_weights_from`), on the host or the
+- Weight buffers (`allocate_weights`, `copy_weights_to`, `swapped_weights`), on the host or the
   device, are this rank's local pieces of every distinct parameter, by name; they carry the
-  reference policy (nemo_aligner/reference/). In the parameters' dtype they survive any number of
-  round trips bit for bit; in the compute dtype they hold exactly what the forward computes with.
+  reference policy (nemo_aligner/reference/). They hold the weights the forward computes with
+  (bf16 copies of fp32 masters where an engine keeps masters apart); in the parameters' dtype they
+  survive any number of round trips bit for bit.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Literal, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -109,11 +110,14 @@ class Engine(Protocol):
         ...
 
     def copy_weights_to(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Copy the live weights into `buffers` (from allocate_weights)."""
+        """Copy the weights the forward computes with into `buffers` (from allocate_weights)."""
         ...
 
-    def copy_weights_from(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Make `buffers` the live weights; names and shapes are checked before any weight changes."""
+    def swapped_weights(self, buffers: dict[str, torch.Tensor]) -> ContextManager[None]:
+        """Inside the block the forward computes with `buffers` (names and shapes checked before any
+        weight changes), and save_weights / load(with_optimizer=False) / copy_weights_to act on them.
+        On exit, also on error, the training weights are in force again bit for bit; optimizer state
+        and gradients are untouched throughout. Blocks do not nest."""
         ...
 
     def weights_fingerprint(self) -> str:

@@ -1,18 +1,18 @@
 """The reference as a copy of the weights, swapped into the network when it is used.
 
 Two strategies share this class:
-- swap (NeMo-Aligner's: retrieve_model_state_dict_in_cpu / cpu_weight_swap): the copy lives in host
-  memory and costs no device memory; each use moves it host -> device, with the training weights
-  kept aside in a host buffer meanwhile;
+- swap (NeMo-Aligner's: retrieve_model_state_dict_in_cpu / cpu_weight_swap): the copy lives in pinned
+  host memory and costs no device memory; each use moves it host -> device;
 - resident: the copy lives on the device in the compute dtype (bf16 under mixed precision: exactly
-  the values the forward uses), with the training weights kept aside on the device: no host traffic.
-Both the copy and the buffer for the training weights are allocated once.
+  the values the forward uses): no host traffic.
+The engine swaps it in (Engine.swapped_weights) and brings the training weights back: from the fp32
+masters on the device where it keeps them apart (replicated bf16 training), else from a stash it
+allocates once.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import ContextManager, Sequence
 
 import torch
 
@@ -29,18 +29,6 @@ def copy_of_weights(engine: Engine, where: WeightPlace, *, compute_dtype: bool =
     return copy
 
 
-@contextlib.contextmanager
-def weights_swapped_in(engine: Engine, weights: Weights, *, stash: Weights) -> Iterator[None]:
-    """Inside the block the network holds `weights`; the training weights wait in `stash` and are
-    restored bit for bit on exit, also on error. Optimizer state and gradients are untouched."""
-    engine.copy_weights_to(stash)
-    engine.copy_weights_from(weights)  # checks names and shapes before changing anything
-    try:
-        yield
-    finally:
-        engine.copy_weights_from(stash)
-
-
 class WeightCopyReference:
     """ReferencePolicy holding the reference as a copy of the weights (see the module docstring)."""
 
@@ -49,25 +37,13 @@ class WeightCopyReference:
         self.engine = engine
         self.place: WeightPlace = "device" if resident else "host"
         self.weights = copy_of_weights(engine, self.place, compute_dtype=resident)
-        self._stash: Weights | None = None
-        self._active = False
 
     @property
     def name(self) -> str:
         return "resident" if self.place == "device" else "swap"
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        if self._active:  # a nested swap would stash the reference over the training weights
-            raise RuntimeError("the reference is already active; its blocks cannot nest")
-        if self._stash is None:
-            self._stash = self.engine.allocate_weights(self.place)
-        self._active = True
-        try:
-            with weights_swapped_in(self.engine, self.weights, stash=self._stash):
-                yield
-        finally:
-            self._active = False
+    def active(self) -> ContextManager[None]:
+        return self.engine.swapped_weights(self.weights)
 
     def set_weights(self, weights: Weights) -> None:
         """Make `weights` (this rank's local pieces, by name, as copy_of_weights gives) the

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from nemo_aligner.config.loader import ConfigError, load_config
 from nemo_aligner.config.schema import ModelConfig, PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.reference.weight_copy import copy_of_weights, weights_swapped_in
+from nemo_aligner.reference.weight_copy import copy_of_weights
 from nemo_aligner.utils.checkpoint import TRAINER_STATE, latest_checkpoint
 from nemo_aligner.utils.log_dir import CHECKPOINTS, CONFIG_FILE
 
@@ -40,8 +40,9 @@ def retrieve_model_state_dict_in_cpu(model: HasEngine, megatron_amp_O2: bool = T
 
     Tied parameters appear once. The copy is independent of later updates to the model.
     `megatron_amp_O2` is accepted and changes nothing: in NeMo-Aligner it converts the keys of O2
-    mixed precision, where the stored weights are the bf16 copies inside a Float16Module; here the
-    weights are always the fp32 masters the optimizer updates (bf16 is only the compute dtype).
+    mixed precision, where the module's weights are bf16 copies of fp32 masters kept in the optimizer.
+    Here too the copy holds the weights the forward computes with: bf16 under replicated bf16
+    training (O2's scheme), the fp32 weights under FSDP (which casts them in each forward).
     """
     return copy_of_weights(model.engine, "host")
 
@@ -50,7 +51,7 @@ def retrieve_model_state_dict_in_cpu(model: HasEngine, megatron_amp_O2: bool = T
 def cpu_weight_swap(model: HasEngine, ref_state_dict: dict[str, torch.Tensor]) -> Iterator[None]:
     """Inside the block the model holds `ref_state_dict`'s weights; on exit (also on error) the
     training weights are restored bit for bit. Optimizer state and gradients are untouched."""
-    with weights_swapped_in(model.engine, ref_state_dict, stash=model.engine.allocate_weights("host")):
+    with model.engine.swapped_weights(ref_state_dict):
         yield
 
 

@@ -45,9 +45,9 @@ def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict
                 global_batch_size=cfg.global_batch_size, data_parallel=policy.data_parallel)
 
 
-def build(model_dir: str, tp: int, precision: Precision) -> GPTModel:
+def build(model_dir: str, tp: int, precision: Precision, sharding: str = "auto") -> GPTModel:
     cfg = ModelConfig(micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
-                      seed=7, log_prob_chunk_size=5,
+                      seed=7, log_prob_chunk_size=5, data_parallel_sharding=sharding,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
@@ -166,6 +166,7 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
                  "dpo_precomputed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision,
                                               reference=ReferenceStrategy.precomputed),
                  "spin": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision)}
+    out["bf16_steps"] = run_steps(build(model_dir, tp=1, precision=Precision.bf16), 0, STEPS)
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
     out["greedy"] = greedy(model)
@@ -193,6 +194,12 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_resumed_from_1proc"] = run_steps(dp2, resume(dp2, f"{work}/ckpt_1proc"), STEPS)
+    out["dp2_bf16_steps"] = run_steps(build(model_dir, tp=1, precision=Precision.bf16), 0, STEPS)
+    # FSDP sharding: the same steps, and the replicated one-process checkpoint resumes under it
+    dp2 = build(model_dir, tp=1, precision=precision, sharding="fsdp")
+    out["dp2_fsdp_steps"] = run_steps(dp2, 0, STEPS)
+    dp2 = build(model_dir, tp=1, precision=precision, sharding="fsdp")
+    out["dp2_fsdp_resumed_from_1proc"] = run_steps(dp2, resume(dp2, f"{work}/ckpt_1proc"), STEPS)
     del dp2
     tp2 = build(model_dir, tp=2, precision=precision)
     out["tp2_logprobs_init"] = probe_logprobs(tp2)

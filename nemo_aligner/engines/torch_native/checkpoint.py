@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
+
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -49,6 +51,29 @@ def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, pat
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def save_replicated(module: nn.Module, replicated: ReplicatedParameters, optimizer: torch.optim.Optimizer | None,
+                    path: str) -> None:
+    """The training weights (the masters) and, given an optimizer, its state, in `save_sharded`'s layout-free
+    form: the FSDP layout and this one load each other's checkpoints."""
+    state: dict[str, object] = {"model": replicated.model_state_dict(module)}
+    if optimizer is not None:
+        state["optim"] = replicated.optimizer_state_dict(optimizer)
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_replicated(module: nn.Module, replicated: ReplicatedParameters, optimizer: torch.optim.Optimizer | None,
+                    path: str) -> None:
+    """Read a `save_sharded` / `save_replicated` checkpoint into the masters (and optimizer state), in
+    place, then rebuild the compute weights from them."""
+    state: dict[str, object] = {"model": replicated.model_state_dict(module)}
+    if optimizer is not None:
+        state["optim"] = replicated.optimizer_state_dict(optimizer)
+    dcp.load(state, checkpoint_id=path)
+    if optimizer is not None:
+        replicated.load_optimizer_state_dict(optimizer, state["optim"])  # type: ignore[arg-type]
+    replicated.refresh_compute_weights()
 
 
 def export_hf(

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,9 +25,11 @@ from nemo_aligner.engines.torch_native.build import (attention_implementation, b
                                                      load_hf_config, load_tokenizer)
 from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import generate
-from nemo_aligner.engines.torch_native.layout import ParallelDims, build_mesh, check_no_pipeline, check_tensor_parallel
+from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline, check_tensor_parallel,
+                                                      resolve_sharding)
 from nemo_aligner.engines.torch_native.optim import build_optimizer, global_grad_norm, scale_grads_
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
+from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
 from nemo_aligner.engines.torch_native.scoring import batch_logprobs
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
 from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed
@@ -74,6 +78,7 @@ class TorchNativeEngine:
         device: torch.device,
         restore_from_path: str | None,
         options: ComputeOptions,
+        data_parallel_sharding: str,
         seed: int,
     ) -> None:
         self.hf_config = hf_config
@@ -91,9 +96,13 @@ class TorchNativeEngine:
         self.model_parallel_group = self.tp_group
         self.module: nn.Module = build_meta_model(hf_config, options.attn_implementation, dtype=options.master_dtype)
         self.architecture = type(self.module).__name__
-        parallelize(self.module, mesh, compute_dtype=options.compute_dtype,
+        replicate = resolve_sharding(data_parallel_sharding, self.num_parameters(), self.tp_size, device)
+        parallelize(self.module, mesh, compute_dtype=options.compute_dtype, fsdp=not replicate,
                     activation_checkpointing=options.activation_checkpointing, compile_layers=options.compile_layers)
         materialize(self.module, device, full_state_dict_on_rank0(restore_from_path, hf_config, seed))
+        # replicated: gradients, their reduction and the masters live here (FSDP owns them otherwise)
+        self.replicated = (ReplicatedParameters(self.module, self.dp_group, compute_dtype=options.compute_dtype)
+                           if replicate else None)
         # Dropout stays off (as TRL's disable_dropout): policy and reference log-probs must be the
         # same deterministic function of the weights, and results must not depend on the layout.
         self.module.eval()
@@ -101,11 +110,14 @@ class TorchNativeEngine:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.generation_calls = 0
         self._offloaded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._stashes: dict[str, dict[str, torch.Tensor]] = {}  # training weights set aside, by place
+        self._swapped = False
 
     def describe(self) -> str:
         options, name = self.options, lambda dtype: str(dtype).removeprefix("torch.")
-        return (f"{self.architecture}: {self.num_parameters() / 1e6:.1f}M parameters, dp={self.dp_size} tp={self.tp_size}, "
-                f"{name(options.compute_dtype)} compute on {name(options.master_dtype)} weights, "
+        sharding = "replicated" if self.replicated else "FSDP"
+        return (f"{self.architecture}: {self.num_parameters() / 1e6:.1f}M parameters, dp={self.dp_size} ({sharding}) "
+                f"tp={self.tp_size}, {name(options.compute_dtype)} compute on {name(options.master_dtype)} weights, "
                 f"{options.attn_implementation} attention{', compiled layers' if options.compile_layers else ''}"
                 f"{', activation checkpointing' if options.activation_checkpointing else ''}")
 
@@ -114,7 +126,9 @@ class TorchNativeEngine:
 
     # ----------------------------------------------------------------- training
     def setup_optimizer(self, cfg: OptimConfig, *, max_steps: int) -> None:
-        self.optimizer = build_optimizer(self.module, cfg, fused=self.device.type == "cuda")
+        params = (self.replicated.optimizer_parameters() if self.replicated
+                  else [p for p in self.module.parameters() if p.requires_grad])
+        self.optimizer = build_optimizer(params, cfg, fused=self.device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, cfg, max_steps=max_steps)
 
     def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn, *, forward_only: bool) -> dict[str, torch.Tensor]:
@@ -129,8 +143,10 @@ class TorchNativeEngine:
                 loss, metrics = loss_fn(self._logprobs(mb), mb)
             if not forward_only:
                 # FSDP averages gradients over dp ranks; the loss is already a share of the global
-                # mean, so scale back up to make the reduction a sum.
-                (loss * self.dp_size).backward()
+                # mean, so scale back up to make the reduction a sum (replicated sums them).
+                (loss if self.replicated else loss * self.dp_size).backward()
+                if self.replicated:
+                    self.replicated.accumulate_gradients()
             metrics = {**metrics, "num_tokens": mb["attention_mask"].sum()}
             for name, value in {"loss": loss, **metrics}.items():
                 value = value.detach().float()
@@ -154,21 +170,23 @@ class TorchNativeEngine:
         """Clip to `max_grad_norm` (0 disables), step, advance the schedule; returns (grad_norm, lr)."""
         if self.optimizer is None or self.scheduler is None:
             raise RuntimeError("setup_optimizer() must be called before optimizer_step()")
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        grad_norm = float(global_grad_norm(params))
-        if not torch.isfinite(torch.tensor(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteGradientError(f"gradient norm is {grad_norm}; the step was not applied")
-        if max_grad_norm > 0 and grad_norm > max_grad_norm:
-            scale_grads_(params, max_grad_norm / (grad_norm + 1e-6))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self.replicated:
+            grad_norm = float(self.replicated.step(self.optimizer, max_grad_norm))
+        else:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            grad_norm = float(global_grad_norm(params))
+            if math.isfinite(grad_norm):
+                if 0 < max_grad_norm < grad_norm:
+                    scale_grads_(params, max_grad_norm / (grad_norm + 1e-6))
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteGradientError(f"gradient norm is {grad_norm}; the step was not applied")
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, lr
 
     def _logprobs(self, mb: Batch) -> torch.Tensor:
-        _check_right_padded(mb["attention_mask"])
         return batch_logprobs(self.module, self.hf_config, mb, tp_group=self.tp_group, tp_rank=self.tp_rank,
                               tp_size=self.tp_size, chunk_size=self.options.log_prob_chunk_size)
 
@@ -191,16 +209,16 @@ class TorchNativeEngine:
         """Copy every optimizer-state tensor to (pinned) CPU memory and free its device storage."""
         if self._offloaded or self.optimizer is None:
             return
-        for state in self.optimizer.state.values():
-            for value in state.values():
-                local = value.to_local() if isinstance(value, DTensor) else value
-                if local.device.type != self.device.type or local.untyped_storage().size() == 0:
-                    continue
-                host = local.detach().to("cpu", copy=True)
-                if self.device.type == "cuda":
-                    host = host.pin_memory()
-                self._offloaded.append((local, host))
-                local.untyped_storage().resize_(0)
+        tensors = [value for state in self.optimizer.state.values() for value in state.values()]
+        for value in tensors + (self.replicated.training_tensors() if self.replicated else []):
+            local = value.to_local() if isinstance(value, DTensor) else value
+            if local.device.type != self.device.type or local.untyped_storage().size() == 0:
+                continue
+            host = local.detach().to("cpu", copy=True)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            self._offloaded.append((local, host))
+            local.untyped_storage().resize_(0)
 
     def onload_optimizer_state(self) -> None:
         """Restore what `offload_optimizer_state` moved, bit for bit, into the same tensors."""
@@ -217,8 +235,29 @@ class TorchNativeEngine:
     def copy_weights_to(self, buffers: dict[str, torch.Tensor]) -> None:
         weights.copy_weights_to(self.module, buffers)
 
-    def copy_weights_from(self, buffers: dict[str, torch.Tensor]) -> None:
-        weights.copy_weights_from(self.module, buffers)
+    @contextlib.contextmanager
+    def swapped_weights(self, buffers: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The network computes with `buffers` inside the block; see the Protocol. With replicated masters
+        the training weights are never set aside: on exit the compute weights are rebuilt from the
+        masters on the device. Otherwise they wait in a stash (allocated once, where the buffers live)."""
+        if self._swapped:
+            raise RuntimeError("weights are already swapped in; swapped_weights blocks cannot nest")
+        from_masters = self.replicated is not None and self.replicated.has_masters
+        if not from_masters:
+            place = "host" if next(iter(buffers.values())).device.type == "cpu" else "device"
+            if place not in self._stashes:
+                self._stashes[place] = self.allocate_weights(place)  # type: ignore[arg-type]
+            weights.copy_weights_to(self.module, self._stashes[place])
+        weights.copy_weights_from(self.module, buffers)  # checks names and shapes before changing anything
+        self._swapped = True
+        try:
+            yield
+        finally:
+            self._swapped = False
+            if from_masters:
+                self.replicated.refresh_compute_weights()  # type: ignore[union-attr]
+            else:
+                weights.copy_weights_from(self.module, self._stashes[place])
 
     def weights_fingerprint(self) -> str:
         return weights.weights_fingerprint(self.module)
@@ -227,13 +266,23 @@ class TorchNativeEngine:
     def save(self, path: str) -> None:
         if self.optimizer is None:
             raise RuntimeError("setup_optimizer() must be called before save()")
-        checkpoint.save_sharded(self.module, self.optimizer, path)
+        if self.replicated:
+            checkpoint.save_replicated(self.module, self.replicated, self.optimizer, path)
+        else:
+            checkpoint.save_sharded(self.module, self.optimizer, path)
 
     def load(self, path: str, *, with_optimizer: bool) -> None:
-        checkpoint.load_sharded(self.module, self.optimizer if with_optimizer else None, path)
+        optimizer = self.optimizer if with_optimizer else None
+        if self.replicated and not self._swapped:
+            checkpoint.load_replicated(self.module, self.replicated, optimizer, path)
+        else:  # FSDP, or the swapped-in weights (the module's parameters)
+            checkpoint.load_sharded(self.module, optimizer, path)
 
     def save_weights(self, path: str) -> None:
-        checkpoint.save_weights(self.module, path)
+        if self.replicated and not self._swapped:
+            checkpoint.save_replicated(self.module, self.replicated, None, path)
+        else:
+            checkpoint.save_weights(self.module, path)
 
     def export_hf(self, path: str) -> None:
         checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=self.compute_dtype)
@@ -265,10 +314,7 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
     return TorchNativeEngine(
         hf_config=hf_config, tokenizer=load_tokenizer(tokenizer_path), mesh=build_mesh(dims, device), device=device,
         restore_from_path=pretrained.restore_from_path,
-        options=ComputeOptions.from_config(model, trainer.precision, hf_config, device), seed=model.seed,
+        options=ComputeOptions.from_config(model, trainer.precision, hf_config, device),
+        data_parallel_sharding=model.data_parallel_sharding, seed=model.seed,
     )
 
-
-def _check_right_padded(attention_mask: torch.Tensor) -> None:
-    if attention_mask.shape[1] > 1 and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-        raise ValueError("training batches must be right-padded (attention_mask 1...1 0...0 per row)")

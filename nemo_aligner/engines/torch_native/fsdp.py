@@ -30,10 +30,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
     """Shard parameters, gradients and optimizer state over `dp_mesh`; compute in `param_dtype`.
 
     The stored weights keep their dtype (fp32 masters under mixed precision); `reduce_dtype` fp32 keeps
-    gradient reductions exact enough for layout parity. Applied even for dp=1 so that precision
-    handling is the same in every layout; there `reshard_after_forward=False` keeps each layer's
-    compute-dtype copy for its backward instead of casting it again (resharding would free nothing
-    another rank holds).
+    gradient reductions exact enough for layout parity. At dp=1 (model.data_parallel_sharding=fsdp)
+    `reshard_after_forward=False` keeps each layer's compute-dtype copy for its backward instead of
+    casting it again (resharding would free nothing another rank holds).
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in decoder_layers(model):
@@ -50,8 +49,9 @@ def gathered_for_decoding(model: nn.Module, *, layers_reshard_after_forward: boo
     dominates decoding time. On exit the layers get back their setting (apply_fsdp's), the root
     its own (stay gathered until backward), and everything is resharded.
     """
-    if not isinstance(model, FSDPModule):
-        raise TypeError(f"{type(model).__name__} is not an FSDP2 module")
+    if not isinstance(model, FSDPModule):  # replicated: the weights are always whole
+        yield
+        return
     model.set_reshard_after_forward(False)
     try:
         yield

@@ -60,6 +60,22 @@ def check_tensor_parallel(config: PretrainedConfig, tp: int) -> None:
         )
 
 
+# replicated training state per parameter under bf16 mixed precision: bf16 weights and fp32 masters,
+# gradient buffer and AdamW moments (2 + 4 + 4 + 8 bytes)
+REPLICATED_BYTES_PER_PARAMETER = 18
+REPLICATED_SHARE_OF_DEVICE_MEMORY = 0.4
+
+
+def resolve_sharding(requested: str, parameters: int, tp: int, device: torch.device) -> bool:
+    """Whether data-parallel ranks replicate the model (model.data_parallel_sharding; `auto` resolved)."""
+    if requested != "auto":
+        return requested == "replicate"
+    if device.type != "cuda":
+        return True
+    needed = parameters / tp * REPLICATED_BYTES_PER_PARAMETER
+    return needed <= REPLICATED_SHARE_OF_DEVICE_MEMORY * torch.cuda.get_device_properties(device).total_memory
+
+
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:
     """A 2-D (dp, tp) device mesh; tp is the inner (fastest varying) dimension."""
     mesh = init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))

@@ -13,9 +13,8 @@ from torch.distributed.tensor import DTensor
 from nemo_aligner.config.schema import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (1-D norms and biases are not decayed)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, *, fused: bool) -> torch.optim.AdamW:
+    """AdamW over `params` with weight decay on matrices only (1-D norms and biases are not decayed)."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -63,6 +62,6 @@ def _sum_over(tensor: torch.Tensor, mesh: DeviceMesh, dims: tuple[int, ...]) -> 
 
 @torch.no_grad()
 def scale_grads_(params: list[nn.Parameter], factor: float) -> None:
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(factor)
+    """Multiply every gradient by `factor`, one fused kernel per device and dtype (DTensors by their local pieces)."""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, factor)

@@ -14,9 +14,10 @@ from nemo_aligner.engines.torch_native.tensor_parallel import apply_tp
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype, activation_checkpointing: bool,
-                compile_layers: bool) -> None:
+                compile_layers: bool, fsdp: bool) -> None:
     """Apply, in this order and in place: tensor parallel (inner mesh dim), activation checkpointing,
-    torch.compile (per decoder layer), FSDP (outer dim).
+    torch.compile (per decoder layer), FSDP (outer dim) unless the data-parallel ranks replicate the
+    model (replicated.py then owns the gradients' reduction).
 
     FSDP must wrap parameters that are already TP DTensors to make them 2-D; checkpointing goes
     around a layer's whole call, so FSDP's gather hooks run again in the recomputation; compile sees
@@ -28,20 +29,37 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtyp
         apply_activation_checkpointing(model)
     if compile_layers:
         apply_compile(model)
-    apply_fsdp(model, mesh["dp"], param_dtype=compute_dtype, reduce_dtype=torch.float32,
-               reshard_after_forward=mesh["dp"].size() > 1)
+    if fsdp:
+        apply_fsdp(model, mesh["dp"], param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                   reshard_after_forward=mesh["dp"].size() > 1)
 
 
 def materialize(model: nn.Module, device: torch.device, full_state_dict: dict[str, torch.Tensor]) -> None:
     """Allocate the (sharded) parameters on `device` and fill them from rank 0's full weights.
 
     Buffers were built real (e.g. rotary tables) and `to_empty` would wipe them, so they are kept
-    aside and restored.
+    aside and restored; tied parameters (e.g. embeddings and LM head) are tied again.
     """
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    aliases = _tied_aliases(model)
     model.to_empty(device=device)
+    for alias, owner in aliases.items():  # to_empty gives each name its own new parameter (FSDP keeps ties itself)
+        module_name, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
     with torch.no_grad():
         for name, buf in model.named_buffers():
             buf.copy_(buffers[name])
     set_model_state_dict(model, full_state_dict,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share another name's parameter -> that first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

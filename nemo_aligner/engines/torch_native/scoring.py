@@ -9,7 +9,6 @@ its logits) score the full logits.
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -20,8 +19,10 @@ from transformers import PretrainedConfig
 from nemo_aligner.types import Batch
 from nemo_aligner.utils.logprobs import linear_logprobs, logprobs_from_logits
 
-# Families whose CausalLM computes logits = lm_head(last hidden state), with nothing after it.
-PLAIN_HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+# Families whose CausalLM computes logits = lm_head(last hidden state), with nothing after it, and the
+# final norm whose output that last hidden state is.
+PLAIN_HEAD_FAMILIES = {"llama": "model.norm", "qwen2": "model.norm", "qwen3": "model.norm", "mistral": "model.norm",
+                       "gemma": "model.norm", "phi3": "model.norm", "gpt2": "transformer.ln_f"}
 
 
 def scored_positions(mb: Batch) -> torch.Tensor:
@@ -40,11 +41,7 @@ def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp
     input_ids, targets = mb["input_ids"], scored_positions(mb)
     vocab_start = tp_rank * -(-config.vocab_size // tp_size)
     if config.model_type in PLAIN_HEAD_FAMILIES:
-        with warnings.catch_warnings():
-            # The embedding output among the hidden states is a view, which FSDP2 warns about; it is only read.
-            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-            out = module(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, :-1][targets]
+        hidden = _last_hidden_state(module, PLAIN_HEAD_FAMILIES[config.model_type], input_ids)[:, :-1][targets]
         weight = module.get_output_embeddings().weight  # after the root's forward: the gathered weight
         weight = weight.to_local() if isinstance(weight, DTensor) else weight
         scored = linear_logprobs(hidden, weight, input_ids[:, 1:][targets], tp_group=tp_group,
@@ -59,3 +56,16 @@ def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp
     logprobs = logprobs_from_logits(logits, labels, tp_group=tp_group, vocab_start_index=vocab_start,
                                     chunk_size=chunk_size)[:, :-1]
     return logprobs * targets
+
+
+def _last_hidden_state(module: nn.Module, final_norm: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """The final norm's output [B, T, H], taken by a forward hook during a forward that computes one
+    position's logits. (transformers' output_hidden_states would install its own hooks on every decoder
+    layer, inside each compiled layer, where they break the graph.)"""
+    captured: list[torch.Tensor] = []
+    handle = module.get_submodule(final_norm).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        module(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[0]

@@ -150,12 +150,19 @@ class GPTModel:
                       rows_per_example: int | None = None) -> Sequence[Batch]:
         """Split a batch along dim 0 into micro-batches of `micro_batch_size` examples (default: the
         config's), i.e. `micro_batch_size x rows_per_example` rows (default: this model's examples),
-        moved to the device; the last one holds what is left. Examples are never split."""
+        moved to the device; the last one holds what is left. Examples are never split.
+
+        Rows must be right-padded (types.Batch); that is checked here while a batch is still on the
+        host (the data loaders' batches), where it costs no device synchronisation. Batches built on
+        the device (rollouts) are right-padded by construction."""
         per_example = rows_per_example or self.rows_per_example
         size = (micro_batch_size or self.cfg.micro_batch_size) * per_example
         rows = next(iter(batch.values())).shape[0]
         if rows % per_example:
             raise ValueError(f"a batch of {rows} rows is not whole examples of {per_example} rows")
+        mask = batch["attention_mask"]
+        if mask.device.type == "cpu" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError("training batches must be right-padded (attention_mask 1...1 0...0 per row)")
         return [{k: v[i : i + size].to(self.device) for k, v in batch.items()} for i in range(0, rows, size)]
 
     # -------------------------------------------------------------- checkpoints
