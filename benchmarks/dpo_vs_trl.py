@@ -15,9 +15,15 @@ sigmoid loss, beta 0.1; plus our README configuration (512 + 512 tokens, 64 pair
   ours_resident      bf16 with fp32 masters, reference resident (online, on the device)
   ours_swap          bf16 with fp32 masters, reference swapped in from pinned host memory each step
   ours_pure_bf16     trainer.precision=bf16_pure, reference precomputed
+  ours_packed        ours_precomputed with model.data.packing=true (for the variable-length --workload pm64 / longtail)
   ours_*checkpointed the same with activation checkpointing per layer (model.activations_checkpoint_granularity=full),
                      as TRL's default has gradient checkpointing: the memory comparison at equal recomputation
   ours_readme        the README configuration, bf16 with fp32 masters, reference precomputed
+
+`--workload pm64` draws every prompt and response length within +-64 of the given ones (uniform),
+`--workload longtail` log-uniform from 32 to 1024 tokens each (sequences of 64 to 2048): variable-length
+data, where TRL pads every batch to its longest sequence and `ours_packed` packs each micro-batch into one
+row. Tokens per step are real tokens (padding never counts); each run reports its padding share.
 
 A step is timed from a synchronised start to a synchronised end; the median over --steps steps after
 --warmup steps is reported, with tokens/s (prompt + response tokens of both rows of every pair), MFU
@@ -51,6 +57,7 @@ RUNS = {
     "ours_resident": dict(system="ours", precision="bf16", reference="resident"),
     "ours_swap": dict(system="ours", precision="bf16", reference="swap"),
     "ours_pure_bf16": dict(system="ours", precision="bf16_pure", reference="precomputed"),
+    "ours_packed": dict(system="ours", precision="bf16", reference="precomputed", packing=True),
     "ours_checkpointed": dict(system="ours", precision="bf16", reference="precomputed", checkpointing=True),
     "ours_pure_bf16_checkpointed": dict(system="ours", precision="bf16_pure", reference="precomputed", checkpointing=True),
     "ours_readme": dict(system="ours", precision="bf16", reference="precomputed", prompt_len=512, response_len=512,
@@ -64,16 +71,45 @@ def vocab_words(shape: str) -> int:
     return min(MAX_WORDS, SHAPES[shape]["vocab_size"] - 2)
 
 
-def synthetic_ids(words: int, pairs: int, prompt_len: int, response_len: int,
-                  seed: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) token ids below `words`; the responses end with EOS (id `words`)."""
+WORKLOADS = ("fixed", "pm64", "longtail")
+
+
+def pair_lengths(workload: str, prompt_len: int, response_len: int, gen: torch.Generator) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) lengths of one pair: `fixed` as given; `pm64` each uniform within +-64 of
+    it; `longtail` each log-uniform from 32 to 1024 (so a sequence has 64 to 2048 tokens)."""
+    if workload == "fixed":
+        return prompt_len, response_len, response_len
+    if workload == "pm64":
+        return tuple(int(torch.randint(n - 64, n + 65, (), generator=gen)) for n in (prompt_len, response_len, response_len))
+    return tuple(int(32 * 32 ** torch.rand((), generator=gen)) for _ in range(3))
+
+
+def synthetic_ids(words: int, pairs: int, prompt_len: int, response_len: int, seed: int,
+                  workload: str = "fixed") -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token ids below `words`, lengths as `workload` draws them; the responses
+    end with EOS (id `words`)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(pairs):
+        lengths = pair_lengths(workload, prompt_len, response_len, gen)
         prompt, chosen, rejected = (torch.randint(0, words, (n,), generator=gen).tolist()
-                                    for n in (prompt_len, response_len - 1, response_len - 1))
+                                    for n in (lengths[0], lengths[1] - 1, lengths[2] - 1))
         out.append((prompt, chosen + [words], rejected + [words]))
     return out
+
+
+def padding_share(examples: list[tuple[list[int], list[int], list[int]]], pairs: int, micro_pairs: int,
+                  packing: bool) -> float:
+    """The share of the tokens a step runs that are padding, over the dataset's consecutive batches of
+    `pairs`: padded, every row of a micro-batch as long as its longest sequence; packed, each micro-batch's
+    real tokens rounded up to a multiple of 8 (model.data.pad_to_multiple_of)."""
+    real = run = 0
+    for start in range(0, len(examples) - pairs + 1, micro_pairs):
+        chunk = [len(p) + len(c) for p, c, _ in examples[start:start + micro_pairs]]
+        chunk += [len(p) + len(r) for p, _, r in examples[start:start + micro_pairs]]
+        real += sum(chunk)
+        run += -(-sum(chunk) // 8) * 8 if packing else max(chunk) * len(chunk)
+    return 1 - real / run
 
 
 # ---------------------------------------------------------------------------------------------- TRL
@@ -89,7 +125,7 @@ def run_trl(spec: dict, args: argparse.Namespace) -> dict:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
     words = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
-    examples = synthetic_ids(n_words, args.dataset_pairs, args.prompt_len, args.response_len, seed=0)
+    examples = synthetic_ids(n_words, args.dataset_pairs, args.prompt_len, args.response_len, seed=0, workload=args.workload)
     dataset = Dataset.from_dict({"prompt": [words(p) for p, _, _ in examples],
                                  "chosen": [" " + words(c[:-1]) for _, c, _ in examples],  # TRL appends the EOS
                                  "rejected": [" " + words(r[:-1]) for _, _, r in examples]})
@@ -134,6 +170,7 @@ def run_trl(spec: dict, args: argparse.Namespace) -> dict:
     _reset_peak_memory()
     trainer.train()
     result = _step_summary(step_times[args.warmup:], args, online_reference=not spec["precompute"])
+    result["padding_share"] = padding_share(examples, args.pairs, args.pairs, packing=False)  # its batches: one padded block
     if precompute_times:
         pairs, seconds = precompute_times[0]
         result["precompute_pairs_per_s"] = pairs / seconds
@@ -172,8 +209,14 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
     from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
     from nemo_aligner.reference import PrecomputedReference
 
+    from nemo_aligner.config.dpo import PreferenceDataConfig
+
     micro = spec.get("micro_pairs", args.pairs)
-    cfg = DPOModelConfig(micro_batch_size=micro, global_batch_size=args.pairs, encoder_seq_length=args.prompt_len + args.response_len,
+    examples = synthetic_ids(vocab_words(args.shape), args.dataset_pairs, args.prompt_len, args.response_len, seed=0,
+                             workload=args.workload)
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in examples)
+    cfg = DPOModelConfig(micro_batch_size=micro, global_batch_size=args.pairs, encoder_seq_length=longest,
+                         data=PreferenceDataConfig(packing=spec.get("packing", False)),
                          activations_checkpoint_granularity="full" if spec.get("checkpointing") else None,
                          optim=OptimConfig(lr=1e-6),
                          dpo=DPOLossConfig(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.ref_micro_pairs,
@@ -182,10 +225,9 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
                                                          tokenizer_path=args.tokenizer),
                          TrainerConfig(devices=1, precision=Precision(spec["precision"])))
     policy.setup_optimizer(max_steps=args.warmup + args.steps)
-    data = SyntheticPairs(synthetic_ids(vocab_words(args.shape), args.dataset_pairs, args.prompt_len, args.response_len,
-                                        seed=0))
+    data = SyntheticPairs(examples)
     collate = functools.partial(pair_collate, pad_token_id=policy.tokenizer.pad_token_id)
-    result: dict = {}
+    result: dict = {"padding_share": padding_share(examples, args.pairs, micro, spec.get("packing", False))}
     if isinstance(policy.reference, PrecomputedReference):
         policy.reference.precompute_into(data, name="bench", cache_dir=tempfile.mkdtemp(), pairs_per_forward=args.ref_micro_pairs,
                                          collate=collate, score=policy.sequence_logps)  # compiles the scoring graphs
@@ -261,10 +303,14 @@ def _allocated_gib() -> float:
 
 # ---------------------------------------------------------------------------------------------- both
 def _step_summary(times: list[float], args: argparse.Namespace, *, online_reference: bool) -> dict:
+    """Median step time; tokens and model FLOPs per step are the dataset's means per pair x pairs per step
+    (the real tokens of both sequences of a pair: padding is not counted)."""
     step = statistics.median(times)
-    seq = args.prompt_len + args.response_len
-    tokens = 2 * args.pairs * seq
-    flops = (4 if online_reference else 3) * tokens * forward_flops_per_token(SHAPES[args.shape], seq)
+    examples = synthetic_ids(1, args.dataset_pairs, args.prompt_len, args.response_len, seed=0, workload=args.workload)
+    sequences = [len(p) + len(r) for p, c, rj in examples for r in (c, rj)]
+    tokens = args.pairs * sum(sequences) / len(examples)
+    forward = sum(n * forward_flops_per_token(SHAPES[args.shape], n) for n in sequences) / len(examples) * args.pairs
+    flops = (4 if online_reference else 3) * forward
     return {"step_time_s": step, "step_times_s": times, "tokens_per_s": tokens / step, "model_tflops_per_step": flops / 1e12,
             "achieved_tflops": flops / step / 1e12,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")}
@@ -281,7 +327,8 @@ def worker(name: str, args: argparse.Namespace) -> None:
         if key in spec:
             setattr(args, key, spec[key])
     result = run_trl(spec, args) if spec["system"] == "trl" else run_ours(spec, args)
-    result.update(run=name, prompt_len=args.prompt_len, response_len=args.response_len, pairs=args.pairs)
+    result.update(run=name, workload=args.workload, prompt_len=args.prompt_len, response_len=args.response_len,
+                  pairs=args.pairs)
     with open(args.worker_out, "w") as f:
         json.dump(result, f)
 
@@ -291,6 +338,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--response-len", type=int, default=256)
+    parser.add_argument("--workload", choices=WORKLOADS, default="fixed",
+                        help="lengths: fixed; pm64: each within +-64 of the given; longtail: log-uniform 32..1024 each")
     parser.add_argument("--pairs", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--ref-micro-pairs", type=int, default=16, help="pairs per forward of our reference pass")
     parser.add_argument("--dataset-pairs", type=int, default=256, help="pairs the precompute passes score")
@@ -348,7 +397,7 @@ def main() -> None:
                              f"{run['mfu']:.0%}, {run['peak_memory_gib']:.1f} GiB"
                              + (f", {run['tokens_per_s'] / base:.2f}x trl_default" if base and name != "ours_readme" else "")
                              + (f", precompute {run['precompute_pairs_per_s']:.0f} pairs/s" if "precompute_pairs_per_s" in run
-                                else ""))
+                                else "") + f", padding {run['padding_share']:.1%}")
     results["summary"] = summary
     for name, line in summary.items():
         print(f"{name:18s} {line}")

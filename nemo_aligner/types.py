@@ -11,6 +11,15 @@ Batch layout: a batch is a dict of tensors with
 plus algorithm-specific keys (rewards, reference log-probs, ...), which engines pass through.
 Per-token log-probs are aligned to targets: logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1]),
 shape [B, T-1], computed where loss_mask[:, 1:] is 1 (the scored positions) and 0 elsewhere.
+
+A packed micro-batch (built by nemo_aligner/data/packing.py) also holds its rows laid end to end, which is
+what the network runs on; engines return its log-probs unpacked into the [B, T-1] rows all the same:
+  packed_input_ids, packed_position_ids, packed_loss_mask  [1, N]: the rows' real tokens one after another,
+                  position ids restarting at 0 for every sequence (attention stays within it), then filler;
+  packed_cu_seqlens [S+2] int32: where each of the S rows' sequences starts in the packed row, then where
+                  the filler starts, then N (transformers' cu_seq_lens for variable-length attention);
+  unpack_index    [B, T-1] int64: each row target's index among the N-1 packed targets, -1 past its end.
+A packed target whose position id is 0 starts a sequence and is never scored.
 """
 
 from __future__ import annotations
@@ -22,6 +31,16 @@ from typing import Any, Callable, Mapping
 import torch
 
 Batch = Mapping[str, torch.Tensor]
+
+
+def is_packed(mb: Batch) -> bool:
+    """Whether a micro-batch carries a packed layout (see the module docstring)."""
+    return "packed_input_ids" in mb
+
+
+def unpack_logprobs(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
+    """[1, N-1] packed per-target log-probs -> [B, T-1] per row (0 past each row's end)."""
+    return packed.reshape(-1)[unpack_index.clamp(min=0)] * (unpack_index >= 0)
 
 # loss_fn(logprobs [B, T-1] fp32, micro_batch) -> (loss, metrics). The loss is this micro-batch's
 # share of the *global* loss (already divided by the global normaliser), so summing over micro-

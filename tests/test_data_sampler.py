@@ -96,3 +96,57 @@ def test_invalid_sizes_are_rejected(kwargs, match):
 def test_state_from_another_global_batch_size_is_rejected():
     with pytest.raises(ValueError, match="consumed_samples=6 is not a non-negative multiple of global_batch_size=4"):
         _sampler(0).load_state_dict({"consumed_samples": 6})
+
+
+def test_token_balanced_shares_cover_the_global_batch_evenly_and_resume_exactly():
+    """With token counts (packing), each global batch is still split into equal-size shares covering it
+    once, the token sums come out closer than the contiguous split's, and a resumed sampler continues alike."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = (64 * torch.exp(torch.rand(40, generator=gen) * 3.4)).long().tolist()  # log-uniform 64 .. ~1900
+    make = lambda rank, counts: GlobalBatchSampler(40, global_batch_size=8, dp_rank=rank, dp_size=4, seed=1,  # noqa: E731
+                                                   token_counts=tokens, balance_ranks=counts is not None)
+    balanced, contiguous = [make(r, tokens) for r in range(4)], [make(r, None) for r in range(4)]
+    for _ in range(5):
+        shares = [s.next_batch() for s in balanced]
+        plain = [s.next_batch() for s in contiguous]
+        assert sorted(i for share in shares for i in share) == sorted(i for share in plain for i in share)
+        assert all(len(share) == 2 for share in shares)
+        spread = lambda parts: max(sum(tokens[i] for i in p) for p in parts) / min(sum(tokens[i] for i in p) for p in parts)  # noqa: E731
+        assert spread(shares) <= spread(plain)
+        sums = [sum(tokens[i] for i in share) for share in shares]
+        assert balanced[0].token_imbalance == pytest.approx(max(sums) / (sum(sums) / 4) - 1)
+    assert contiguous[0].token_imbalance is None
+    resumed = make(2, tokens)
+    resumed.load_state_dict({"consumed_samples": 16})
+    fresh = make(2, tokens)
+    _stream(fresh, 2)
+    assert _stream(resumed, 6) == _stream(fresh, 6)
+
+
+def test_group_by_length_keeps_each_sample_once_per_epoch_and_cuts_the_padding():
+    gen = torch.Generator().manual_seed(3)
+    tokens = (64 * torch.exp(torch.rand(400, generator=gen) * 3.4)).long().tolist()
+    make = lambda rank, grouped: GlobalBatchSampler(400, global_batch_size=8, dp_rank=rank, dp_size=2, seed=1,  # noqa: E731
+                                                    token_counts=tokens, group_by_length=grouped)
+    padding = {}
+    for grouped in (False, True):
+        samplers = [make(r, grouped) for r in range(2)]
+        seen, padded, real = [], 0, 0
+        for _ in range(samplers[0].batches_per_epoch):
+            shares = [s.next_batch() for s in samplers]
+            for share in shares:  # each rank pads its share to its longest sample
+                padded += max(tokens[i] for i in share) * len(share)
+                real += sum(tokens[i] for i in share)
+                seen += share
+        assert sorted(seen) == list(range(400))
+        padding[grouped] = 1 - real / padded
+    assert padding[True] < padding[False] / 3
+    resumed, fresh = make(1, True), make(1, True)
+    resumed.load_state_dict({"consumed_samples": 80})
+    _stream(fresh, 10)
+    assert _stream(resumed, 60) == _stream(fresh, 60)  # across the epoch boundary too
+
+
+def test_grouping_and_balancing_need_the_token_counts():
+    with pytest.raises(ValueError, match="need token_counts, one per sample"):
+        GlobalBatchSampler(N, global_batch_size=G, dp_rank=0, dp_size=DP, seed=0, group_by_length=True)

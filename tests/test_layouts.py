@@ -87,6 +87,14 @@ def test_every_reference_strategy_gives_the_swap_metrics(runs: dict, strategy: s
         _close([m[name] for m in other], [m[name] for m in one])
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "spin"])
+def test_packed_steps_give_the_padded_metrics(runs: dict, algorithm: str) -> None:
+    padded, packed = runs["single"][algorithm], runs["single"][f"{algorithm}_packed"]
+    assert [sorted(m) for m in packed] == [sorted(m) for m in padded]
+    for name in padded[0]:
+        _close([m[name] for m in packed], [m[name] for m in padded])
+
+
 def test_exports_from_both_layouts_load_with_equal_weights(runs: dict) -> None:
     one = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "hf_1proc"), dtype=torch.float32)
     two = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "hf_tp2"), dtype=torch.float32)
@@ -95,10 +103,11 @@ def test_exports_from_both_layouts_load_with_equal_weights(runs: dict) -> None:
 
 
 @pytest.mark.parametrize("layout", ["dpo_dp2", "dpo_tp2", "spin_dp2", "spin_tp2", "dpo_dp2_precomputed",
-                                    "dpo_tp2_resident", "dpo_tp2_precomputed"])
+                                    "dpo_tp2_resident", "dpo_tp2_precomputed", "dpo_dp2_packed", "dpo_tp2_packed",
+                                    "spin_tp2_packed"])
 def test_dpo_and_spin_steps_match_one_process(runs: dict, layout: str) -> None:
-    """Reference (swap, resident, precomputed), generation (SPIN, greedy), the losses and every reported
-    metric agree with one process and the swap."""
+    """Reference (swap, resident, precomputed), generation (SPIN, greedy), sequence packing, the losses
+    and every reported metric agree with one process, padded, and the swap."""
     one, two = runs["single"][layout.split("_")[0]], runs["parallel"][layout]
     assert [sorted(m) for m in one] == [sorted(m) for m in two]
     for name in one[0]:

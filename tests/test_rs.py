@@ -41,7 +41,7 @@ def length_reward(prompt: str, response: str) -> float:
     return -float(len(response)) + 0.01 * len(prompt)
 
 
-def _config(model_dir: str, data: str, log_dir: str, **loop: object) -> RSJobConfig:
+def _config(model_dir: str, data: str, log_dir: str, packing: bool = False, **loop: object) -> RSJobConfig:
     raw = {
         "trainer": {"precision": "fp32", "rs": {"max_epochs": 2, "save_interval": 3, "val_check_interval": 4,
                                                 "limit_val_batches": 1, "rollout_log_samples": 2, **loop}},
@@ -52,7 +52,7 @@ def _config(model_dir: str, data: str, log_dir: str, **loop: object) -> RSJobCon
                   "optim": {"lr": 1e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-4}},
                   "rs": {"num_rollout_samples": 4, "num_val_samples": 4, "num_rollouts_per_prompt": 3,
                          "top_n_rollouts": 2, "rollout_micro_batch_size": 5, "length_params": {"max_length": 5}},
-                  "data": {"data_prefix": {"train": data, "validation": data}}},
+                  "data": {"data_prefix": {"train": data, "validation": data}, "packing": packing}},
         "reward": {"function": {"_target_": "test_rs.length_reward", "_partial_": True}},
         "task_eval": None,
     }
@@ -114,9 +114,10 @@ def test_bad_rewards_stop_before_training_and_saving(llama_dir: str, prompt_file
     assert not (log_dir / "checkpoints").exists() or not any(d.startswith("step_") for d in os.listdir(log_dir / "checkpoints"))
 
 
-def test_resume_equals_uninterrupted_run(llama_dir: str, prompt_file: str, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_equals_uninterrupted_run(llama_dir: str, prompt_file: str, tmp_path, monkeypatch, packing: bool) -> None:
     straight = str(tmp_path / "straight")
-    _trainer(_config(llama_dir, prompt_file, straight)).fit()
+    _trainer(_config(llama_dir, prompt_file, straight, packing)).fit()
     killed = str(tmp_path / "killed")
     real_step = RSTrainer.train_step
 
@@ -127,9 +128,9 @@ def test_resume_equals_uninterrupted_run(llama_dir: str, prompt_file: str, tmp_p
 
     monkeypatch.setattr(RSTrainer, "train_step", die_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        _trainer(_config(llama_dir, prompt_file, killed)).fit()
+        _trainer(_config(llama_dir, prompt_file, killed, packing)).fit()
     monkeypatch.setattr(RSTrainer, "train_step", real_step)
-    resumed = _trainer(_config(llama_dir, prompt_file, killed))
+    resumed = _trainer(_config(llama_dir, prompt_file, killed, packing))
     resumed.fit()
     records = lambda d: read_metrics(os.path.join(d, "metrics.jsonl"), "train")  # noqa: E731
     assert [r["step"] for r in records(killed)] == list(range(1, 9))
@@ -150,3 +151,16 @@ def test_prompt_file_with_bad_lines_names_file_line_and_field(llama_dir: str, tm
         build_prompt_loader(str(bad), prompts_per_step=4, response_budget=5, shuffle=True,
                             **loader_args(policy, cfg.model, global_batch=False))
     assert f"{bad}:2: field 'text'" in str(err.value) and f"{bad}:3: field 'text'" in str(err.value)
+
+
+def test_packed_sft_steps_equal_padded_ones(llama_dir: str, prompt_file: str, tmp_path) -> None:
+    """model.data.packing changes how the rollouts' SFT batches run, not what they compute."""
+    runs = {}
+    for packing in (False, True):
+        log_dir = str(tmp_path / f"packing_{packing}")
+        _trainer(_config(llama_dir, prompt_file, log_dir, packing, max_epochs=1)).fit()
+        runs[packing] = read_metrics(os.path.join(log_dir, "metrics.jsonl"), "train")
+    assert len(runs[True]) == len(runs[False]) > 0
+    for padded, packed in zip(runs[False], runs[True]):
+        for key in ("loss", "reward_mean", "kept_reward_mean", "grad_norm"):
+            assert packed[key] == pytest.approx(padded[key], abs=1e-5), (padded["step"], key)

@@ -178,8 +178,11 @@ class BaseTrainer:
             ) from err
         elapsed = time.perf_counter() - start
         self.state.step += 1
+        sampler = self.train_dataloader.sampler
         metrics.update(step_time=elapsed, tokens_per_sec=metrics.pop("num_tokens") / elapsed,
-                       consumed_samples=self.train_dataloader.sampler.consumed_samples, epoch=self.train_dataloader.sampler.epoch)
+                       consumed_samples=sampler.consumed_samples, epoch=sampler.epoch)
+        if sampler.token_imbalance is not None:  # packing over several data-parallel ranks
+            metrics["dp_token_imbalance"] = sampler.token_imbalance
         self.metrics.log("train", metrics, self.state.step)
         return metrics
 

@@ -109,6 +109,11 @@ class DataLoadingConfig:
 
     length_policy: LengthPolicy = LengthPolicy.truncate_prompt_left  # for examples longer than encoder_seq_length
     pad_to_multiple_of: int = 8
+    # Pack each micro-batch's sequences end to end in one row, with no padding (data/packing.py):
+    # attention stays within each sequence and the log-probs and losses are those of the padded rows.
+    packing: bool = False
+    # Without packing: global batches of examples of similar length (data/sampler.py), so less padding.
+    group_by_length: bool = False
     seed: int = 1234  # shuffling order of the training examples per epoch
 
     def __post_init__(self) -> None:

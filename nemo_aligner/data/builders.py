@@ -18,11 +18,24 @@ from nemo_aligner.data.sft import SFTDataset
 from nemo_aligner.types import DataParallel
 
 
-def _loader(dataset: Any, *, global_batch_size: int, data_parallel: DataParallel, seed: int, shuffle: bool,
-            collate: Callable[[list[Any]], Any]) -> StepDataLoader:
+def _loader(dataset: Any, *, global_batch_size: int, data_parallel: DataParallel, data: DataLoadingConfig, shuffle: bool,
+            collate: Callable[[list[Any]], Any], token_fields: tuple[str, ...]) -> StepDataLoader:
+    """With packing, global batches are split over the ranks by tokens (the `token_fields` of an example,
+    the prompt counted once per sequence that carries it), so packed rows are as long on every rank;
+    with group_by_length, global batches hold examples of similar length."""
+    balance_ranks = data.packing and data_parallel.size > 1
+    token_counts = None
+    if balance_ranks or data.group_by_length:
+        token_counts = [_tokens(dataset[i], token_fields) for i in range(len(dataset))]
     sampler = GlobalBatchSampler(len(dataset), global_batch_size=global_batch_size, dp_rank=data_parallel.rank,
-                                 dp_size=data_parallel.size, seed=seed, shuffle=shuffle)
+                                 dp_size=data_parallel.size, seed=data.seed, shuffle=shuffle, token_counts=token_counts,
+                                 balance_ranks=balance_ranks, group_by_length=data.group_by_length)
     return StepDataLoader(dataset, sampler, collate)
+
+
+def _tokens(example: dict[str, Any], fields: tuple[str, ...]) -> int:
+    responses = [example[f].numel() for f in fields if f != "prompt_ids"]
+    return example["prompt_ids"].numel() * max(len(responses), 1) + sum(responses)
 
 
 def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: PreferenceDataConfig, *,
@@ -35,8 +48,8 @@ def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data:
                                 default_rejected_reward=data.default_rejected_reward)
     collate = functools.partial(pair_collate, pad_token_id=tokenizer.pad_token_id,
                                 pad_to_multiple_of=data.pad_to_multiple_of)
-    return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, seed=data.seed,
-                   shuffle=shuffle, collate=collate)
+    return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, data=data,
+                   shuffle=shuffle, collate=collate, token_fields=("prompt_ids", "chosen_ids", "rejected_ids"))
 
 
 def build_sft_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLoadingConfig, *, max_seq_length: int,
@@ -48,8 +61,8 @@ def build_sft_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLo
     dataset = SFTDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
                          response_budget=response_budget)
     rows = functools.partial(sft_collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data.pad_to_multiple_of)
-    return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, seed=data.seed,
-                   shuffle=shuffle, collate=rows if collate else list)
+    return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, data=data,
+                   shuffle=shuffle, collate=rows if collate else list, token_fields=("prompt_ids", "response_ids"))
 
 
 def build_prompt_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLoadingConfig, *, max_seq_length: int,
@@ -59,5 +72,5 @@ def build_prompt_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: Dat
     handed over uncollated (a list of {prompt_ids, prompt_text})."""
     dataset = PromptDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
                             response_budget=response_budget)
-    return _loader(dataset, global_batch_size=prompts_per_step, data_parallel=data_parallel, seed=data.seed,
-                   shuffle=shuffle, collate=list)
+    return _loader(dataset, global_batch_size=prompts_per_step, data_parallel=data_parallel, data=data,
+                   shuffle=shuffle, collate=list, token_fields=("prompt_ids",))

@@ -67,15 +67,16 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
 
 
 def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
-              reference: ReferenceStrategy = ReferenceStrategy.swap) -> list[dict[str, float]]:
-    """Metrics of `steps` DPO steps (rpo_bwd_kl + SFT term) on the pairs in `data`, with the reference
-    held by `reference` (precomputed: one pass first, cached beside the data)."""
+              reference: ReferenceStrategy = ReferenceStrategy.swap, packing: bool = False,
+              loss: str = "rpo_bwd_kl") -> list[dict[str, float]]:
+    """Metrics of `steps` DPO steps (`loss` + SFT term) on the pairs in `data`, with the reference
+    held by `reference` (precomputed: one pass first, cached beside the data), packed or padded."""
     cfg = DPOModelConfig(micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
                          encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
-                         dpo=DPOLossConfig(preference_loss="rpo_bwd_kl", sft_loss_weight=0.5,
+                         dpo=DPOLossConfig(preference_loss=loss, sft_loss_weight=0.5,
                                            log_prob_forward_micro_batch_size=1,
                                            reference=ReferenceConfig(strategy=reference)),
-                         data=PreferenceDataConfig(data_prefix=DataPrefix(train=data, validation=data)))
+                         data=PreferenceDataConfig(data_prefix=DataPrefix(train=data, validation=data), packing=packing))
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     policy.setup_optimizer(max_steps=steps)
@@ -91,7 +92,8 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
     return records
 
 
-def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2) -> list[dict[str, float]]:
+def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
+               packing: bool = False) -> list[dict[str, float]]:
     """Metrics of `steps` SPIN steps with greedy generation (sampling is seeded per data-parallel
     rank, so only greedy generations are layout-independent)."""
     cfg = SPINModelConfig(micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
@@ -99,7 +101,7 @@ def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: 
                           spin=SPINConfig(ref_policy_kl_penalty=0.4, rollout_micro_batch_size=1,
                                           sampling_params=SamplingParams(use_greedy=True),
                                           length_params=LengthParams(max_length=4)),
-                          data=SFTDataConfig(train_ds=SFTFileConfig(data), validation_ds=SFTFileConfig(data)))
+                          data=SFTDataConfig(train_ds=SFTFileConfig(data), validation_ds=SFTFileConfig(data), packing=packing))
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     policy = GPTSPINModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     policy.setup_optimizer(max_steps=steps)
@@ -165,7 +167,9 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
                  "dpo_resident": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, reference=ReferenceStrategy.resident),
                  "dpo_precomputed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision,
                                               reference=ReferenceStrategy.precomputed),
-                 "spin": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision)}
+                 "spin": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision),
+                 "dpo_packed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, packing=True),
+                 "spin_packed": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, packing=True)}
     out["bf16_steps"] = run_steps(build(model_dir, tp=1, precision=Precision.bf16), 0, STEPS)
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
@@ -189,7 +193,10 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
                  "dpo_tp2_precomputed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision,
                                                   reference=ReferenceStrategy.precomputed),
                  "spin_dp2": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision),
-                 "spin_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision)}
+                 "spin_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision),
+                 "dpo_dp2_packed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, packing=True),
+                 "dpo_tp2_packed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision, packing=True),
+                 "spin_tp2_packed": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision, packing=True)}
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1, precision=precision)

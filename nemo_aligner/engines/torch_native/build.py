@@ -18,6 +18,8 @@ from torch import nn
 from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig,
                           PreTrainedTokenizerBase)
 
+from nemo_aligner.engines.torch_native.varlen_attention import VARLEN, register_varlen_attention
+
 logger = logging.getLogger(__name__)
 
 def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] | None) -> PretrainedConfig:
@@ -35,12 +37,18 @@ def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] |
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
-def attention_implementation(config: PretrainedConfig, requested: str | None) -> str:
+def attention_implementation(config: PretrainedConfig, requested: str | None, *, packed_on_cuda: bool) -> str:
     """`model.attn_implementation` if set, else PyTorch's SDPA where the family supports it and eager
-    attention otherwise (e.g. Gemma2, whose soft-capped attention SDPA cannot compute)."""
-    if requested is not None:
-        return requested
-    return "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
+    attention otherwise (e.g. Gemma2, whose soft-capped attention SDPA cannot compute); for packed rows
+    on CUDA, PyTorch's variable-length flash attention (varlen_attention.py) where SDPA would serve."""
+    if requested == VARLEN and not packed_on_cuda:
+        raise ValueError(f"model.attn_implementation={VARLEN} needs model.data.packing=true on CUDA")
+    if requested is None:
+        sdpa = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa
+        requested = (VARLEN if packed_on_cuda else "sdpa") if sdpa else "eager"
+    if requested == VARLEN:
+        register_varlen_attention()
+    return requested
 
 
 def build_meta_model(config: PretrainedConfig, attn_implementation: str, *, dtype: torch.dtype) -> nn.Module:

@@ -25,8 +25,8 @@ from nemo_aligner.engines.torch_native.build import (attention_implementation, b
                                                      load_hf_config, load_tokenizer)
 from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import generate
-from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline, check_tensor_parallel,
-                                                      resolve_sharding)
+from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline, check_packing,
+                                                      check_tensor_parallel, resolve_sharding)
 from nemo_aligner.engines.torch_native.optim import build_optimizer, global_grad_norm, scale_grads_
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
 from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
@@ -60,7 +60,9 @@ class ComputeOptions:
         compute = torch.float32 if precision is Precision.fp32 else torch.bfloat16
         compile_layers = model.torch_compile if model.torch_compile is not None else device.type == "cuda"
         return cls(compute_dtype=compute, master_dtype=torch.bfloat16 if precision is Precision.bf16_pure else torch.float32,
-                   attn_implementation=attention_implementation(hf_config, model.attn_implementation),
+                   attn_implementation=attention_implementation(
+                       hf_config, model.attn_implementation,
+                       packed_on_cuda=device.type == "cuda" and getattr(model, "data", None) is not None and model.data.packing),
                    compile_layers=compile_layers,
                    activation_checkpointing=model.activations_checkpoint_granularity == "full",
                    log_prob_chunk_size=model.log_prob_chunk_size)
@@ -239,7 +241,9 @@ class TorchNativeEngine:
     def swapped_weights(self, buffers: dict[str, torch.Tensor]) -> Iterator[None]:
         """The network computes with `buffers` inside the block; see the Protocol. With replicated masters
         the training weights are never set aside: on exit the compute weights are rebuilt from the
-        masters on the device. Otherwise they wait in a stash (allocated once, where the buffers live)."""
+        masters on the device. Otherwise they wait in a stash (allocated once, where the buffers live).
+        The copy in is not waited for: the forwards inside are launched while it runs (they queue
+        behind it on the device), and the device is synchronised on exit, before `buffers` may change."""
         if self._swapped:
             raise RuntimeError("weights are already swapped in; swapped_weights blocks cannot nest")
         from_masters = self.replicated is not None and self.replicated.has_masters
@@ -248,7 +252,7 @@ class TorchNativeEngine:
             if place not in self._stashes:
                 self._stashes[place] = self.allocate_weights(place)  # type: ignore[arg-type]
             weights.copy_weights_to(self.module, self._stashes[place])
-        weights.copy_weights_from(self.module, buffers)  # checks names and shapes before changing anything
+        weights.copy_weights_from(self.module, buffers, wait=False)  # checks names and shapes first
         self._swapped = True
         try:
             yield
@@ -257,7 +261,9 @@ class TorchNativeEngine:
             if from_masters:
                 self.replicated.refresh_compute_weights()  # type: ignore[union-attr]
             else:
-                weights.copy_weights_from(self.module, self._stashes[place])
+                weights.copy_weights_from(self.module, self._stashes[place], wait=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
 
     def weights_fingerprint(self) -> str:
         return weights.weights_fingerprint(self.module)
@@ -307,6 +313,8 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
     check_world_size(trainer.devices, trainer.num_nodes, dist.get_world_size())
     hf_config = load_hf_config(pretrained.restore_from_path, pretrained.model_config)
     check_tensor_parallel(hf_config, model.tensor_model_parallel_size)
+    data = getattr(model, "data", None)  # the algorithms' model sections have one
+    check_packing(hf_config, data is not None and data.packing)
     dims = ParallelDims.from_world(dist.get_world_size(), model.tensor_model_parallel_size)
     tokenizer_path = pretrained.tokenizer_path or pretrained.restore_from_path
     if tokenizer_path is None:

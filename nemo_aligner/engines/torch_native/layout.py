@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 
 # Families whose decoder layers use q/k/v/o and gate/up/down projections (tensor_parallel.py's plan).
 TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+# Families whose transformers implementation keeps attention within each sequence of a packed row
+# (a document mask from restarting position ids), checked against padded rows in tests/test_packing.py.
+PACKING_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,13 @@ def resolve_sharding(requested: str, parameters: int, tp: int, device: torch.dev
         return True
     needed = parameters / tp * REPLICATED_BYTES_PER_PARAMETER
     return needed <= REPLICATED_SHARE_OF_DEVICE_MEMORY * torch.cuda.get_device_properties(device).total_memory
+
+
+def check_packing(config: PretrainedConfig, packing: bool) -> None:
+    """Refuse model.data.packing for a family whose packed rows are not known to keep sequences apart."""
+    if packing and config.model_type not in PACKING_FAMILIES:
+        raise ValueError(f"model.data.packing=true is not supported for model_type '{config.model_type}': packed "
+                         f"sequences are kept apart for {list(PACKING_FAMILIES)}; set model.data.packing=false")
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
-from nemo_aligner.types import Batch
+from nemo_aligner.types import Batch, is_packed, unpack_logprobs
 from nemo_aligner.utils.logprobs import linear_logprobs, logprobs_from_logits
 
 # Families whose CausalLM computes logits = lm_head(last hidden state), with nothing after it, and the
@@ -36,18 +36,26 @@ def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp
     """[B, T-1] fp32 log p(input_ids[:, t+1] | input_ids[:, :t+1]) at scored_positions, 0 elsewhere.
 
     Right padding never influences real tokens under causal attention, so no padding mask is
-    passed: SDPA can take its fused causal kernel.
+    passed: SDPA can take its fused causal kernel. A packed micro-batch (data/packing.py) runs its
+    packed row, whose position ids keep attention within each sequence, and is unpacked into its rows.
     """
+    if is_packed(mb):
+        packed = {"input_ids": mb["packed_input_ids"], "position_ids": mb["packed_position_ids"],
+                  "loss_mask": mb["packed_loss_mask"] * (mb["packed_position_ids"] > 0),  # no target starts a sequence
+                  "cu_seqlens": mb["packed_cu_seqlens"]}
+        return unpack_logprobs(batch_logprobs(module, config, packed, tp_group=tp_group, tp_rank=tp_rank, tp_size=tp_size,
+                                              chunk_size=chunk_size), mb["unpack_index"])
     input_ids, targets = mb["input_ids"], scored_positions(mb)
+    inputs = _model_inputs(mb)
     vocab_start = tp_rank * -(-config.vocab_size // tp_size)
     if config.model_type in PLAIN_HEAD_FAMILIES:
-        hidden = _last_hidden_state(module, PLAIN_HEAD_FAMILIES[config.model_type], input_ids)[:, :-1][targets]
+        hidden = _last_hidden_state(module, PLAIN_HEAD_FAMILIES[config.model_type], inputs)[:, :-1][targets]
         weight = module.get_output_embeddings().weight  # after the root's forward: the gathered weight
         weight = weight.to_local() if isinstance(weight, DTensor) else weight
         scored = linear_logprobs(hidden, weight, input_ids[:, 1:][targets], tp_group=tp_group,
                                  vocab_start_index=vocab_start, chunk_size=chunk_size)
         return torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(targets, scored)
-    logits = module(input_ids=input_ids, use_cache=False).logits
+    logits = module(**inputs, use_cache=False).logits
     if isinstance(logits, DTensor):
         logits = logits.to_local()
     # Score all T positions against labels shifted by one (the last gets a dummy label) and drop the last
@@ -58,14 +66,25 @@ def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp
     return logprobs * targets
 
 
-def _last_hidden_state(module: nn.Module, final_norm: str, input_ids: torch.Tensor) -> torch.Tensor:
+def _model_inputs(mb: Batch) -> dict[str, torch.Tensor | int]:
+    """The model's keyword inputs: the ids, and for a packed row its position ids and sequence bounds
+    (cu_seq_lens, used by the torch_varlen attention; the packed length bounds every sequence's)."""
+    inputs: dict[str, torch.Tensor | int] = {"input_ids": mb["input_ids"]}
+    if "cu_seqlens" in mb:
+        length = mb["input_ids"].shape[1]
+        inputs.update(position_ids=mb["position_ids"], cu_seq_lens_q=mb["cu_seqlens"], cu_seq_lens_k=mb["cu_seqlens"],
+                      max_length_q=length, max_length_k=length)
+    return inputs
+
+
+def _last_hidden_state(module: nn.Module, final_norm: str, inputs: dict[str, torch.Tensor | int]) -> torch.Tensor:
     """The final norm's output [B, T, H], taken by a forward hook during a forward that computes one
     position's logits. (transformers' output_hidden_states would install its own hooks on every decoder
     layer, inside each compiled layer, where they break the graph.)"""
     captured: list[torch.Tensor] = []
     handle = module.get_submodule(final_norm).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        module(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        module(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     return captured[0]

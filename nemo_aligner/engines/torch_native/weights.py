@@ -43,19 +43,24 @@ def copy_weights_to(module: nn.Module, buffers: Weights) -> None:
     _copy(module, buffers, into_buffers=True)
 
 
-def copy_weights_from(module: nn.Module, buffers: Weights) -> None:
-    """This rank's local weights <- buffers; everything is validated before any weight changes."""
-    _copy(module, buffers, into_buffers=False)
+def copy_weights_from(module: nn.Module, buffers: Weights, *, wait: bool = True) -> None:
+    """This rank's local weights <- buffers; everything is validated before any weight changes.
+
+    `wait=False` returns while copies from pinned host buffers may still be in flight (work queued
+    after them on the device sees the new weights): the caller must synchronise before it writes
+    to those buffers again.
+    """
+    _copy(module, buffers, into_buffers=False, wait=wait)
 
 
 @torch.no_grad()
-def _copy(module: nn.Module, buffers: Weights, *, into_buffers: bool) -> None:
+def _copy(module: nn.Module, buffers: Weights, *, into_buffers: bool, wait: bool = True) -> None:
     locals_ = _local_params(module)
     check_same_weights(locals_, buffers, "weight buffers")
     for name, local in locals_.items():
         destination, source = (buffers[name], local) if into_buffers else (local, buffers[name])
         destination.copy_(source, non_blocking=True)
-    if torch.cuda.is_available():
+    if wait and torch.cuda.is_available():
         torch.cuda.synchronize()  # the host side may read or reuse the buffers right after
 
 

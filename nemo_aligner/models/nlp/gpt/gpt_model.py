@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nemo_aligner.config.schema import ModelConfig, PretrainedCheckpointConfig, TrainerConfig, check_batch_sizes
 from nemo_aligner.data.collate import prompt_collate
+from nemo_aligner.data.packing import pack_micro_batch
 from nemo_aligner.engines.base import Engine
 from nemo_aligner.engines.registry import build_engine
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
@@ -154,7 +155,8 @@ class GPTModel:
 
         Rows must be right-padded (types.Batch); that is checked here while a batch is still on the
         host (the data loaders' batches), where it costs no device synchronisation. Batches built on
-        the device (rollouts) are right-padded by construction."""
+        the device (rollouts) are right-padded by construction. With `model.data.packing` each
+        micro-batch also carries its rows packed end to end (data/packing.py), which the engine runs."""
         per_example = rows_per_example or self.rows_per_example
         size = (micro_batch_size or self.cfg.micro_batch_size) * per_example
         rows = next(iter(batch.values())).shape[0]
@@ -163,7 +165,12 @@ class GPTModel:
         mask = batch["attention_mask"]
         if mask.device.type == "cpu" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
             raise ValueError("training batches must be right-padded (attention_mask 1...1 0...0 per row)")
-        return [{k: v[i : i + size].to(self.device) for k, v in batch.items()} for i in range(0, rows, size)]
+        micro_batches = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
+        data = getattr(self.cfg, "data", None)
+        if data is not None and data.packing:  # laid out on the host, where the row lengths are known
+            micro_batches = [pack_micro_batch({k: v.cpu() for k, v in mb.items()}, pad_token_id=self.tokenizer.pad_token_id,
+                                              multiple_of=data.pad_to_multiple_of) for mb in micro_batches]
+        return [{k: v.to(self.device) for k, v in mb.items()} for mb in micro_batches]
 
     # -------------------------------------------------------------- checkpoints
     def save(self, path: str) -> None:
@@ -182,3 +189,4 @@ class GPTModel:
     def export_hf(self, path: str) -> None:
         """Write a Hugging Face model directory (bf16 weights when training in bf16)."""
         self.engine.export_hf(path)
+
