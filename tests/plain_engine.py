@@ -102,7 +102,7 @@ class PlainEngine:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + self.generation_calls)
-            self.generation_calls += 1
+            self.generation_calls += not sampling.use_greedy
             tokens = self.module.generate(
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=not sampling.use_greedy,
                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,

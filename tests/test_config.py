@@ -96,7 +96,7 @@ def test_invalid_dpo_config_fails_naming_the_key(override: str, message: str) ->
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trainer.spin.max_iterations=3", r"ref_policy_kl_penalty has 2 values but trainer.spin.max_iterations=3"),
+    ("trainer.spin.max_iterations=3", r"ref_policy_kl_penalty has 4 values but trainer.spin.max_iterations=3"),
     ("model.spin.ref_policy_kl_penalty=-1", r"model.spin.ref_policy_kl_penalty=-1 is invalid"),
     ("model.spin.sampling_params.top_p=0", r"sampling_params.top_p=0.0 is invalid: it must be in \(0, 1\]"),
     ("model.spin.length_params.min_length=9", r"length_params.min_length=9 is invalid"),

@@ -31,7 +31,7 @@ from plain_engine import PlainEngine
 if "plain" not in engine_names():
     register_engine("plain", PlainEngine)
 
-TIMING = {"step_time", "tokens_per_sec", "generation_time", "training_time"}
+TIMING = {"step_time", "tokens_per_sec", "generation_time", "training_time", "rollout_share"}
 
 
 def _common(model_dir: str, log_dir: str, engine: str, loop: dict) -> dict:

@@ -161,6 +161,7 @@ def test_packed_sft_steps_equal_padded_ones(llama_dir: str, prompt_file: str, tm
         _trainer(_config(llama_dir, prompt_file, log_dir, packing, max_epochs=1)).fit()
         runs[packing] = read_metrics(os.path.join(log_dir, "metrics.jsonl"), "train")
     assert len(runs[True]) == len(runs[False]) > 0
+    assert all(0 < r["rollout_share"] < 1 for r in runs[True])  # generation's share of each step is reported
     for padded, packed in zip(runs[False], runs[True]):
         for key in ("loss", "reward_mean", "kept_reward_mean", "grad_norm"):
             assert packed[key] == pytest.approx(padded[key], abs=1e-5), (padded["step"], key)

@@ -57,7 +57,7 @@ class BaseTrainer:
                  log_every_n_steps: int = 10, config: Mapping[str, Any] | None = None,
                  test_dataloader: StepDataLoader | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
                  optimizer: None = None, scheduler: None = None, logger: None = None, ckpt_callback: None = None,
-                 run_timer: None = None) -> None:
+                 run_timer: None = None, epoch_callback: Callable[[int, GPTModel], Any] | None = None) -> None:
         """The keyword names are NeMo-Aligner's (`DPOTrainer(cfg=cfg.trainer.dpo, model=..., ...)`).
 
         Args:
@@ -73,6 +73,8 @@ class BaseTrainer:
             optimizer, scheduler, logger, ckpt_callback, run_timer: NeMo-Aligner's Lightning-era
                 objects; here the engine builds the optimizer and schedule, exp_manager drives logging
                 and checkpoints, and max_steps bounds a run, so each must be None.
+            epoch_callback: called as (epoch, model) when a training epoch ends, e.g. to report a task
+                metric per epoch (the entry scripts' held-out accuracy).
         """
         _check_none(optimizer=optimizer, scheduler=scheduler, logger=logger, ckpt_callback=ckpt_callback,
                     run_timer=run_timer)
@@ -84,6 +86,7 @@ class BaseTrainer:
                     loader.collate = collate_fn
         self.model, self.train_dataloader, self.val_dataloader = model, train_dataloader, val_dataloader
         self.test_dataloader = test_dataloader
+        self.epoch_callback = epoch_callback
         self.cfg, self.exp_manager, self.log_every_n_steps = loop, exp, log_every_n_steps
         self.state = TrainerState()
         per_epoch = train_dataloader.sampler.batches_per_epoch
@@ -150,6 +153,9 @@ class BaseTrainer:
             self.before_train_step()
             metrics = self._run_train_step()
             self.after_train_step()
+            per_epoch = self.train_dataloader.sampler.batches_per_epoch
+            if self.epoch_callback is not None and self.state.step % per_epoch == 0:
+                self.epoch_callback(self.state.step // per_epoch - 1, self.model)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
             step = self.state.step
@@ -181,6 +187,8 @@ class BaseTrainer:
         sampler = self.train_dataloader.sampler
         metrics.update(step_time=elapsed, tokens_per_sec=metrics.pop("num_tokens") / elapsed,
                        consumed_samples=sampler.consumed_samples, epoch=sampler.epoch)
+        if "generation_time" in metrics:  # SPIN, RS: the rollout phase's share of the step
+            metrics["rollout_share"] = metrics["generation_time"] / elapsed
         if sampler.token_imbalance is not None:  # packing over several data-parallel ranks
             metrics["dp_token_imbalance"] = sampler.token_imbalance
         self.metrics.log("train", metrics, self.state.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -59,12 +60,14 @@ class SPINTrainer(BaseTrainer):
 
     def train_step(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         prompts, actual = [ex["prompt_ids"] for ex in batch], [ex["response_ids"] for ex in batch]
+        start = time.perf_counter()
         generated = self.model.generate_rejected(prompts)
+        generation_time = time.perf_counter() - start
         metrics = self.model.loss_and_metrics(self.model.pair_batch(prompts, actual, generated))
         grad_norm, lr = self.model.optimizer_step(self.cfg.gradient_clip_val)
         return {**metrics, "grad_norm": grad_norm, "lr": lr, "kl_penalty": self.model.kl_penalty,
                 "generated_length_mean": self.model.global_mean(torch.tensor([float(len(g)) for g in generated])),
-                "iteration": float(self.iteration)}
+                "iteration": float(self.iteration), "generation_time": generation_time}
 
     def validation_step(self, batch: Batch) -> dict[str, float]:
         return self.model.sft_metrics(batch)

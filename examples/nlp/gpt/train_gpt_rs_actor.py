@@ -42,13 +42,16 @@ def main(raw: DictConfig) -> None:
     reward = build_reward(cfg.reward, cfg.remote_rm, policy.model_parallel_group)
     task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
     # Every input is validated: the trainer prepares the log directory (utils/log_dir.py).
+    def report(epoch: int, model: GPTRSActor) -> None:
+        report_task_eval(task_eval(model), f"after epoch {epoch} ({trainer.state.step} rejection sampling steps)")
+
     trainer = RSTrainer(cfg=cfg.trainer.rs, model=policy, train_dataloader=train, val_dataloader=val,
                         exp_manager=cfg.exp_manager, log_every_n_steps=cfg.trainer.log_every_n_steps, reward=reward, rs=rs,
-                        config=OmegaConf.to_container(raw, resolve=True))
+                        config=OmegaConf.to_container(raw, resolve=True), epoch_callback=report if task_eval else None)
     if task_eval:
         report_task_eval(task_eval(policy), "before training")
     trainer.fit()
-    if task_eval:
+    if task_eval and trainer.state.step % train.sampler.batches_per_epoch:  # ended inside an epoch
         report_task_eval(task_eval(policy), f"after {trainer.state.step} rejection sampling steps")
 
 

@@ -195,10 +195,10 @@ class TorchNativeEngine:
     # --------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
                  length: LengthParams) -> Generations:
-        """Sample continuations of left-padded prompts; reproducible from (seed, dp rank, call count)."""
+        """Sample continuations of left-padded prompts; reproducible from (seed, dp rank, sampling calls so far)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.dp_rank * 7_919 + self.generation_calls)
-        self.generation_calls += 1
+        self.generation_calls += not sampling.use_greedy  # greedy calls (e.g. evaluations) leave later samples as they were
         # eager: one-token steps and a growing KV cache would only add compiled graphs
         with gathered_for_decoding(self.module, layers_reshard_after_forward=self.dp_size > 1), \
                 torch.compiler.set_stance("force_eager"):
