@@ -54,6 +54,12 @@ def test_bf16_with_fp32_masters_matches_across_data_parallel_ranks(runs: dict) -
     _close(runs["single"]["bf16_steps"], runs["single"]["steps"], tol=5e-2)
 
 
+def test_each_rank_loads_its_own_part_of_the_hf_directory_as_rank0_would(runs: dict) -> None:
+    """Tied (Llama) and untied (Qwen2) weights, tensor-parallel slices and FSDP shards."""
+    assert runs["parallel"]["parallel_load_equals_rank0"] == {
+        f"{family} {layout}": True for family in ("llama", "qwen2") for layout in ("tp2", "fsdp dp2")}
+
+
 def test_qwen2_tensor_parallel_matches_one_process(runs: dict) -> None:
     _close(runs["parallel"]["qwen2_tp2_steps"], runs["single"]["qwen2_steps"])
 

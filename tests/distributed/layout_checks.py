@@ -22,6 +22,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
 from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
 from nemo_aligner.config.schema import (ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, ReferenceConfig,
@@ -35,6 +36,7 @@ from nemo_aligner.models.nlp.gpt.gpt_spin_model import GPTSPINModel
 from nemo_aligner.reference import PrecomputedReference
 from nemo_aligner.types import LengthParams, SamplingParams
 from nemo_aligner.utils.checkpoint import CheckpointManager
+from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict
 from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 14, 4, 2
@@ -161,6 +163,19 @@ def resume(model: GPTModel, path: str) -> int:
     return int(mgr.load(mgr.latest(), model, {"policy": model})["step"])
 
 
+def parallel_load_matches_rank0(model_dir: str, tp: int, sharding: str) -> bool:
+    """Whether every rank's pieces of the weights, as it read them from the HF directory itself, equal what
+    transformers' load on rank 0 and a broadcast give, bit for bit (on every rank)."""
+    model = build(model_dir, tp=tp, precision=Precision.fp32, sharding=sharding)
+    parallel = retrieve_model_state_dict_in_cpu(model)
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict() if dist.get_rank() == 0 else {}
+    load_full_state_dict(model.engine.module, full)
+    rank0 = retrieve_model_state_dict_in_cpu(model)
+    same = torch.tensor(float(all(torch.equal(parallel[k], rank0[k]) for k in rank0)))
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
+
+
 def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
     out: dict = {"qwen2_steps": run_steps(build(qwen2_dir, tp=1, precision=precision), 0, STEPS),
                  "dpo": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision),
@@ -202,6 +217,9 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_resumed_from_1proc"] = run_steps(dp2, resume(dp2, f"{work}/ckpt_1proc"), STEPS)
     out["dp2_bf16_steps"] = run_steps(build(model_dir, tp=1, precision=Precision.bf16), 0, STEPS)
+    out["parallel_load_equals_rank0"] = {f"{family} {layout}": parallel_load_matches_rank0(path, tp, sharding)
+                                         for family, path in (("llama", model_dir), ("qwen2", qwen2_dir))
+                                         for layout, tp, sharding in (("tp2", 2, "auto"), ("fsdp dp2", 1, "fsdp"))}
     # FSDP sharding: the same steps, and the replicated one-process checkpoint resumes under it
     dp2 = build(model_dir, tp=1, precision=precision, sharding="fsdp")
     out["dp2_fsdp_steps"] = run_steps(dp2, 0, STEPS)

@@ -60,19 +60,13 @@ def build_meta_model(config: PretrainedConfig, attn_implementation: str, *, dtyp
             raise ValueError(f"model.attn_implementation={attn_implementation!r}: {err}") from None
 
 
-def full_state_dict_on_rank0(restore_from_path: str | None, config: PretrainedConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The full fp32 weights on rank 0 (read from disk, or random init seeded by `seed`); {} elsewhere.
-
-    Random init happens once on one rank, so every parallel layout starts from the same weights.
-    """
+def random_init_on_rank0(config: PretrainedConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random fp32 weights seeded by `seed` on rank 0; {} elsewhere. The init happens once on one rank,
+    so every parallel layout starts from the same weights."""
     if dist.get_rank() != 0:
         return {}
-    if restore_from_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(restore_from_path, dtype=torch.float32, local_files_only=True)
-        logger.info("loaded weights from %s", restore_from_path)
-    else:
-        with _fork_rng(seed):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with _fork_rng(seed):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         logger.info("random init of %s (seed %d)", config.model_type, seed)
     return model.state_dict()
 

@@ -21,10 +21,11 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.engines.base import ReduceOp, WeightPlace
 from nemo_aligner.engines.torch_native import checkpoint, weights
-from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, full_state_dict_on_rank0,
-                                                     load_hf_config, load_tokenizer)
+from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, load_hf_config,
+                                                     load_tokenizer, random_init_on_rank0)
 from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import generate
+from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
 from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline, check_packing,
                                                       check_tensor_parallel, resolve_sharding)
 from nemo_aligner.engines.torch_native.optim import build_optimizer, global_grad_norm, scale_grads_
@@ -101,7 +102,11 @@ class TorchNativeEngine:
         replicate = resolve_sharding(data_parallel_sharding, self.num_parameters(), self.tp_size, device)
         parallelize(self.module, mesh, compute_dtype=options.compute_dtype, fsdp=not replicate,
                     activation_checkpointing=options.activation_checkpointing, compile_layers=options.compile_layers)
-        materialize(self.module, device, full_state_dict_on_rank0(restore_from_path, hf_config, seed))
+        materialize(self.module, device)
+        if restore_from_path is not None:
+            load_hf_weights(self.module, restore_from_path)
+        else:
+            load_full_state_dict(self.module, random_init_on_rank0(hf_config, seed))
         # replicated: gradients, their reduction and the masters live here (FSDP owns them otherwise)
         self.replicated = (ReplicatedParameters(self.module, self.dp_group, compute_dtype=options.compute_dtype)
                            if replicate else None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from nemo_aligner.engines.torch_native.activation_checkpoint import apply_activation_checkpointing
@@ -34,8 +33,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtyp
                    reshard_after_forward=mesh["dp"].size() > 1)
 
 
-def materialize(model: nn.Module, device: torch.device, full_state_dict: dict[str, torch.Tensor]) -> None:
-    """Allocate the (sharded) parameters on `device` and fill them from rank 0's full weights.
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate the (sharded) parameters on `device`, uninitialised (hf_load.py fills them).
 
     Buffers were built real (e.g. rotary tables) and `to_empty` would wipe them, so they are kept
     aside and restored; tied parameters (e.g. embeddings and LM head) are tied again.
@@ -49,8 +48,6 @@ def materialize(model: nn.Module, device: torch.device, full_state_dict: dict[st
     with torch.no_grad():
         for name, buf in model.named_buffers():
             buf.copy_(buffers[name])
-    set_model_state_dict(model, full_state_dict,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
