@@ -156,7 +156,7 @@ class PlainEngine:
         return params
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, asynchronous: bool = False) -> None:  # always synchronous
         assert self.optimizer is not None
         os.makedirs(path, exist_ok=True)
         torch.save({"model": self.module.state_dict(), "optim": self.optimizer.state_dict()},

@@ -4,8 +4,10 @@ per epoch, NaN handling, metrics files, and the entry script's bad-input behavio
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,11 +30,12 @@ def preference_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_pairs(str(tmp_path_factory.mktemp("pref") / "pairs.jsonl"), PAIRS)
 
 
-def _config(model_dir: str, data: str, log_dir: str, **loop: object) -> DPOJobConfig:
+def _config(model_dir: str, data: str, log_dir: str, async_save: bool = True, **loop: object) -> DPOJobConfig:
     raw = {
         "trainer": {"precision": "fp32", "log_every_n_steps": 1,
                     "dpo": {"max_epochs": 2, "save_interval": 3, "val_check_interval": 5, "limit_val_batches": 1, **loop}},
-        "exp_manager": {"explicit_log_dir": log_dir, "create_tensorboard_logger": False},
+        "exp_manager": {"explicit_log_dir": log_dir, "create_tensorboard_logger": False,
+                        "checkpoint_callback_params": {"async_save": async_save}},
         "pretrained_checkpoint": {"restore_from_path": model_dir},
         "model": {"micro_batch_size": 2, "global_batch_size": GBS, "encoder_seq_length": 32,
                   "optim": {"lr": 1e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-4}},
@@ -58,19 +61,23 @@ def _losses(log_dir: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(log_dir, "metrics.jsonl"), "train")]
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(llama_dir: str, preference_file: str, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("async_save", [False, True])
+def test_killed_and_resumed_run_equals_uninterrupted_run(llama_dir: str, preference_file: str, tmp_path, monkeypatch,
+                                                         async_save: bool) -> None:
+    """Killed after the checkpoint of step 6 is complete (for an asynchronous save: once it is written)."""
     straight_seen: list[list[int]] = []
-    _trainer(_config(llama_dir, preference_file, str(tmp_path / "straight")), straight_seen).fit()
+    _trainer(_config(llama_dir, preference_file, str(tmp_path / "straight"), async_save), straight_seen).fit()
     straight = _losses(str(tmp_path / "straight"))
     assert [s for s, _ in straight] == list(range(1, 11))
 
     killed_dir = str(tmp_path / "killed")
     seen: list[list[int]] = []
-    trainer = _trainer(_config(llama_dir, preference_file, killed_dir), seen)
+    trainer = _trainer(_config(llama_dir, preference_file, killed_dir, async_save), seen)
     real_step = DPOTrainer.train_step
 
     def die_at_step_8(self: DPOTrainer, batch: dict) -> dict:
         if self.state.step == 7:  # steps 1-7 done, checkpoint at 6: 7 must be redone after resume
+            self.checkpoints.wait()
             raise KeyboardInterrupt("killed")
         return real_step(self, batch)
 
@@ -80,7 +87,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(llama_dir: str, prefere
     monkeypatch.setattr(DPOTrainer, "train_step", real_step)
     assert [s for s, _ in _losses(killed_dir)] == list(range(1, 8))
     seen = seen[:6]  # batches of steps 7 and 8 were taken by the killed process after the checkpoint
-    _trainer(_config(llama_dir, preference_file, killed_dir), seen).fit()
+    _trainer(_config(llama_dir, preference_file, killed_dir, async_save), seen).fit()
 
     resumed = _losses(killed_dir)
     assert [s for s, _ in resumed] == list(range(1, 11))  # step 7 logged once: the killed run's line was dropped
@@ -154,3 +161,46 @@ def test_reference_pass_chunks_whatever_rows_it_gets(llama_dir: str, preference_
         assert policy.loss_and_metrics(batch, forward_only=False)["loss"] > 0
     torch.testing.assert_close(logprobs[16], logprobs[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(logprobs[3], logprobs[1], atol=1e-5, rtol=0)
+
+
+_KILLED_DURING_WRITE = """
+import os, sys, time
+sys.path[:0] = [{tests!r}]
+from torch.distributed.checkpoint import FileSystemWriter
+import test_dpo_trainer as t
+real_write = FileSystemWriter.write_data
+
+def slow_write(self, plan, planner):  # the checkpoint of step 6 takes its time; training goes on meanwhile
+    if "step_6.tmp" in str(self.path):
+        open({marker!r}, "w").close()
+        time.sleep(120)
+    return real_write(self, plan, planner)
+
+FileSystemWriter.write_data = slow_write
+t._trainer(t._config({model!r}, {data!r}, {log_dir!r}), []).fit()
+"""
+
+
+def test_kill_9_during_an_asynchronous_save_keeps_the_previous_checkpoint(llama_dir: str, preference_file: str,
+                                                                          tmp_path) -> None:
+    """While step 6's checkpoint is being written in the background, training goes on to later steps; a
+    kill -9 then leaves step 3 as `latest`, intact, and the rerun resumes from it to the uninterrupted losses."""
+    straight = str(tmp_path / "straight")
+    _trainer(_config(llama_dir, preference_file, straight), []).fit()
+    log_dir, marker = str(tmp_path / "killed"), str(tmp_path / "writing")
+    script = _KILLED_DURING_WRITE.format(tests=os.path.dirname(__file__), marker=marker, model=llama_dir,
+                                         data=preference_file, log_dir=log_dir)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(log_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(marker) and os.path.exists(metrics) and len(_losses(log_dir)) >= 8):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the test could kill it"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # steps 7 and 8 trained while step 6 was being written
+    proc.wait()
+    checkpoints = os.path.join(log_dir, "checkpoints")
+    assert open(os.path.join(checkpoints, "latest")).read().strip() == "step_3"
+    assert os.path.isfile(os.path.join(checkpoints, "step_3", "trainer_state.json"))
+    assert not os.path.exists(os.path.join(checkpoints, "step_6"))
+    _trainer(_config(llama_dir, preference_file, log_dir), []).fit()
+    assert [loss for _, loss in _losses(log_dir)] == pytest.approx([loss for _, loss in _losses(straight)], abs=1e-6)

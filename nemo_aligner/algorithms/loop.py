@@ -98,7 +98,7 @@ class BaseTrainer:
         self.log_dir = exp.explicit_log_dir
         ckpt = exp.checkpoint_callback_params
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, CHECKPOINTS), save_top_k=ckpt.save_top_k,
-                                             monitor=ckpt.monitor, mode=ckpt.mode)
+                                             monitor=ckpt.monitor, mode=ckpt.mode, asynchronous=ckpt.async_save)
         # The first write to the log directory: everything above (and the caller's data) is validated.
         config = dict(config or {})
         self.start = start_run(self.log_dir, resume_if_exists=exp.resume_if_exists, config=config)
@@ -153,6 +153,7 @@ class BaseTrainer:
             self.before_train_step()
             metrics = self._run_train_step()
             self.after_train_step()
+            self.checkpoints.poll()  # an asynchronous save that finished becomes `latest`
             per_epoch = self.train_dataloader.sampler.batches_per_epoch
             if self.epoch_callback is not None and self.state.step % per_epoch == 0:
                 self.epoch_callback(self.state.step // per_epoch - 1, self.model)
@@ -166,6 +167,7 @@ class BaseTrainer:
             if step % self.cfg.save_interval == 0 or step == self.max_steps:
                 self.save()
         bar.close()
+        self.checkpoints.wait()  # the last checkpoint is complete (and `latest`) before the run ends
         if self.exp_manager.checkpoint_callback_params.save_nemo_on_train_end:
             self.model.export_hf(os.path.join(self.log_dir, "hf_model"))
             log_rank0(logger, "exported the trained policy to %s", os.path.join(self.log_dir, "hf_model"))
@@ -178,6 +180,7 @@ class BaseTrainer:
         try:
             metrics = self.train_step(batch)
         except FloatingPointError as err:
+            self.checkpoints.wait()  # a save in flight holds an earlier, finite state: complete it (every rank is here)
             raise NonFiniteLossError(
                 f"{self.algorithm} step {self.state.step + 1} (epoch {self.train_dataloader.sampler.epoch}, this rank's "
                 f"dataset indices {indices}): {err}; stopping without saving"

@@ -211,6 +211,9 @@ class CheckpointCallbackParams:
     monitor: str = "val_loss"  # a validation metric name
     mode: str = "min"  # min | max
     save_nemo_on_train_end: bool = True  # NeMo's name: export a Hugging Face model at the end
+    # Write the model's checkpoint in the background (DCP async_save) while training goes on; `latest`
+    # moves once every rank's write finished.
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         require(self.save_top_k >= 1, "exp_manager.checkpoint_callback_params.save_top_k", self.save_top_k, ">= 1")

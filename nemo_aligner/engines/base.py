@@ -30,6 +30,7 @@ Contracts every engine honours, also one that pipelines the network over stages:
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable, ContextManager, Literal, Protocol, Sequence
 
 import torch
@@ -125,8 +126,10 @@ class Engine(Protocol):
         ...
 
     # --------------------------------------------------------------- checkpoints
-    def save(self, path: str) -> None:
-        """Collectively write weights and optimizer state, loadable into any layout."""
+    def save(self, path: str, *, asynchronous: bool = False) -> Future | None:
+        """Collectively write weights and optimizer state, loadable into any layout. With asynchronous
+        (where the engine can) the state is staged before this returns and written in the background:
+        the returned future completes when this rank's part is on disk; None means it already is."""
         ...
 
     def load(self, path: str, *, with_optimizer: bool) -> None:

@@ -9,7 +9,9 @@ Layout of `<checkpoint_dir>/step_<N>/`:
 and `<checkpoint_dir>/latest`, a one-line file naming the newest complete step directory.
 Everything is written into `step_<N>.tmp/` and renamed only after every rank finished, and
 `latest` is replaced atomically after that, so a crash mid-save leaves the previous checkpoint
-as `latest`.
+as `latest`. With asynchronous saves the model's state is written in the background while training
+goes on; the rename and `latest` wait for every rank's write (at the next save, or `wait()`), and at
+most one save is in flight.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import math
 import os
 import random
 import shutil
-from typing import Any, Mapping, Protocol
+from concurrent.futures import Future
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -47,45 +50,90 @@ class ShardedSaveable(Protocol):
     def load(self, path: str) -> None: ...
 
 
+class AsyncSaveable(Protocol):
+    """A model that can also write its state in the background (GPTModel.save)."""
+
+    def save(self, path: str, *, asynchronous: bool = False) -> Future | None: ...
+
+    def load(self, path: str) -> None: ...
+
+
 class CheckpointManager:
     """Saves and restores model + optimizer + named Statefuls + RNG + trainer state."""
 
-    def __init__(self, checkpoint_dir: str, *, save_top_k: int, monitor: str, mode: str) -> None:
+    def __init__(self, checkpoint_dir: str, *, save_top_k: int, monitor: str, mode: str,
+                 asynchronous: bool = False) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
         self.checkpoint_dir = checkpoint_dir
         self.save_top_k = save_top_k
         self.monitor = monitor
         self.mode = mode
+        self.asynchronous = asynchronous
+        self._pending: tuple[Future, Callable[[], None]] | None = None  # a background write and its completion
+        # asynchronous saves: ranks agree that every write finished over a group of their own (gloo, so
+        # a host flag needs no device, and training's collectives never interleave with it)
+        self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
 
-    def save(self, step: int, model: ShardedSaveable, statefuls: Mapping[str, Stateful],
+    def save(self, step: int, model: ShardedSaveable | AsyncSaveable, statefuls: Mapping[str, Stateful],
              trainer_state: dict[str, Any], metric: float | None = None,
              sharded_extras: Mapping[str, ShardedSaveable] | None = None) -> str:
-        """Write checkpoint `step_<step>` collectively; returns its path once it is `latest`."""
+        """Write checkpoint `step_<step>` collectively; returns its path, which is `latest` once the save
+        completed (at once, or for an asynchronous save at the next save or `wait()`)."""
+        self.wait()  # at most one save in flight
         final = os.path.join(self.checkpoint_dir, f"step_{step}")
         tmp = final + ".tmp"
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(os.path.join(tmp, "rng"))
         barrier()
-        model.save(os.path.join(tmp, "model"))
+        if self.asynchronous:
+            written = model.save(os.path.join(tmp, "model"), asynchronous=True)  # type: ignore[call-arg]
+        else:
+            written = model.save(os.path.join(tmp, "model"))
         for name, extra in (sharded_extras or {}).items():
             extra.save(os.path.join(tmp, name))
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
         if is_rank0():
             torch.save({name: s.state_dict() for name, s in statefuls.items()}, os.path.join(tmp, "extra_state.pt"))
-        barrier()  # every rank's shards are on disk
-        if is_rank0():
-            state = {**trainer_state, "step": step, "monitor": self.monitor, "metric": metric}
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump(state, f, indent=2)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _write_atomically(os.path.join(self.checkpoint_dir, LATEST), os.path.basename(final))
-            self._rotate(keep=os.path.basename(final))
-        barrier()
-        log_rank0(logger, "saved checkpoint %s", final)
+        state = {**trainer_state, "step": step, "monitor": self.monitor, "metric": metric}
+
+        def complete() -> None:
+            barrier()  # every rank's shards are on disk
+            if is_rank0():
+                with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                    json.dump(state, f, indent=2)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                _write_atomically(os.path.join(self.checkpoint_dir, LATEST), os.path.basename(final))
+                self._rotate(keep=os.path.basename(final))
+            barrier()
+            log_rank0(logger, "saved checkpoint %s", final)
+
+        if written is None:
+            complete()
+        else:
+            self._pending = (written, complete)
+            log_rank0(logger, "writing checkpoint %s in the background", final)
         return final
+
+    def poll(self) -> None:
+        """Complete the save in flight if every rank's write has finished (collective; once per step)."""
+        if self._pending is None:
+            return
+        done = torch.tensor([float(self._pending[0].done())])
+        if self._group is not None:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._group)
+        if done.item() == 1.0:
+            self.wait()
+
+    def wait(self) -> None:
+        """Complete the save in flight, if any: wait for this rank's write, then move `latest` to it."""
+        if self._pending is not None:
+            written, complete = self._pending
+            self._pending = None
+            written.result()
+            complete()
 
     def latest(self) -> str | None:
         """Path of the newest complete checkpoint, or None when there is none."""

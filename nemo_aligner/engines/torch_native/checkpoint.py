@@ -29,10 +29,10 @@ from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def save_sharded(module: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Each rank writes its own shards of the weights and optimizer state (DCP, layout-free)."""
+def sharded_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+    """This rank's shards of the weights and optimizer state, as DCP writes them (layout-free)."""
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    return {"model": model_sd, "optim": optim_sd}
 
 
 def save_weights(module: nn.Module, path: str) -> None:
@@ -41,7 +41,7 @@ def save_weights(module: nn.Module, path: str) -> None:
 
 
 def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, path: str) -> None:
-    """Load a `save_sharded` checkpoint into any (dp, tp) layout; DCP reshards as needed."""
+    """Load a `sharded_state` checkpoint into any (dp, tp) layout; DCP reshards as needed."""
     if optimizer is None:
         state = {"model": get_model_state_dict(module)}
         dcp.load(state, checkpoint_id=path)
@@ -53,19 +53,19 @@ def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, pat
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def save_replicated(module: nn.Module, replicated: ReplicatedParameters, optimizer: torch.optim.Optimizer | None,
-                    path: str) -> None:
-    """The training weights (the masters) and, given an optimizer, its state, in `save_sharded`'s layout-free
-    form: the FSDP layout and this one load each other's checkpoints."""
+def replicated_state(module: nn.Module, replicated: ReplicatedParameters,
+                     optimizer: torch.optim.Optimizer | None) -> dict[str, object]:
+    """The training weights (the masters) and, given an optimizer, its state, in `sharded_state`'s
+    layout-free form: the FSDP layout and this one load each other's checkpoints."""
     state: dict[str, object] = {"model": replicated.model_state_dict(module)}
     if optimizer is not None:
         state["optim"] = replicated.optimizer_state_dict(optimizer)
-    dcp.save(state, checkpoint_id=path)
+    return state
 
 
 def load_replicated(module: nn.Module, replicated: ReplicatedParameters, optimizer: torch.optim.Optimizer | None,
                     path: str) -> None:
-    """Read a `save_sharded` / `save_replicated` checkpoint into the masters (and optimizer state), in
+    """Read a `sharded_state` / `replicated_state` checkpoint into the masters (and optimizer state), in
     place, then rebuild the compute weights from them."""
     state: dict[str, object] = {"model": replicated.model_state_dict(module)}
     if optimizer is not None:

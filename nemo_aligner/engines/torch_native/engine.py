@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -118,6 +120,7 @@ class TorchNativeEngine:
         self.generation_calls = 0
         self._offloaded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._stashes: dict[str, dict[str, torch.Tensor]] = {}  # training weights set aside, by place
+        self._checkpoint_group: dist.ProcessGroup | None = None  # asynchronous saves' own (made at the first)
         self._swapped = False
 
     def describe(self) -> str:
@@ -274,13 +277,20 @@ class TorchNativeEngine:
         return weights.weights_fingerprint(self.module)
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, asynchronous: bool = False) -> Future | None:
+        """Weights and optimizer state (DCP). Asynchronously: staged in host memory before this returns
+        (training may change them then), written by a background thread, coordinated over a process
+        group of its own so that training's collectives never interleave with it."""
         if self.optimizer is None:
             raise RuntimeError("setup_optimizer() must be called before save()")
-        if self.replicated:
-            checkpoint.save_replicated(self.module, self.replicated, self.optimizer, path)
-        else:
-            checkpoint.save_sharded(self.module, self.optimizer, path)
+        state = (checkpoint.replicated_state(self.module, self.replicated, self.optimizer) if self.replicated
+                 else checkpoint.sharded_state(self.module, self.optimizer))
+        if not asynchronous:
+            dcp.save(state, checkpoint_id=path)
+            return None
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group)
 
     def load(self, path: str, *, with_optimizer: bool) -> None:
         optimizer = self.optimizer if with_optimizer else None
@@ -291,7 +301,7 @@ class TorchNativeEngine:
 
     def save_weights(self, path: str) -> None:
         if self.replicated and not self._swapped:
-            checkpoint.save_replicated(self.module, self.replicated, None, path)
+            dcp.save(checkpoint.replicated_state(self.module, self.replicated, None), checkpoint_id=path)
         else:
             checkpoint.save_weights(self.module, path)
 

@@ -10,6 +10,7 @@ offload, checkpoint save/load and Hugging Face export. Algorithms talk to this c
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from typing import Sequence
 
 import torch
@@ -173,8 +174,9 @@ class GPTModel:
         return [{k: v.to(self.device) for k, v in mb.items()} for mb in micro_batches]
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: str) -> None:
-        self.engine.save(path)
+    def save(self, path: str, *, asynchronous: bool = False) -> Future | None:
+        """Weights and optimizer state; asynchronously, a future that completes when they are on disk."""
+        return self.engine.save(path, asynchronous=asynchronous)
 
     def load(self, path: str, *, with_optimizer: bool = True) -> None:
         self.engine.load(path, with_optimizer=with_optimizer)
