@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import logging
 import os
 import shutil
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -78,6 +72,7 @@ def load_replicated(module: nn.Module, replicated: ReplicatedParameters, optimiz
 
 def export_hf(
     module: nn.Module,
+    weights: dict[str, torch.Tensor],
     config: PretrainedConfig,
     architecture: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -87,18 +82,27 @@ def export_hf(
 ) -> None:
     """Write `config.json`, `*.safetensors` (+ index when sharded) and tokenizer files to `path`.
 
-    Every rank takes part in gathering the full weights; rank 0 writes into `path.tmp` and renames
-    it at the end, so an interrupted export never leaves a directory that looks complete.
+    `weights` are this rank's pieces of the training weights by state-dict name (DTensor shards, or
+    whole tensors where replicated). No rank gathers the model: each writes its pieces (cast to
+    `dtype`) through DCP's Hugging Face storage writer, which then consolidates them file by file into
+    full safetensors of at most MAX_SHARD_BYTES. Everything goes to `path.tmp`, renamed at the end, so
+    an interrupted export never leaves a directory that looks complete.
     """
-    with _quiet_redistribute_notes():
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tmp = path.rstrip("/") + ".tmp"
     if dist.get_rank() == 0:
-        tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        aliases = _tied_aliases(module)
-        tensors = {k: v.to(dtype).contiguous() for k, v in full.items() if k not in aliases}
-        _write_safetensors(tensors, tmp)
+    dist.barrier()
+    aliases = _tied_aliases(module)
+    tensors = {name: tensor.detach().to(dtype) for name, tensor in weights.items() if name not in aliases}
+    files = _file_of_each_tensor(tensors)
+    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=files, save_distributed=True,
+                                                                 enable_consolidation=True))
+    if dist.get_rank() == 0:
+        shutil.rmtree(os.path.join(tmp, "sharded"))  # the per-rank pieces, now consolidated
+        if max(files.values()) == 1:  # one file: the name transformers writes for an unsharded model
+            os.replace(os.path.join(tmp, "model-00001-of-00001.safetensors"), os.path.join(tmp, "model.safetensors"))
+            os.remove(os.path.join(tmp, "model.safetensors.index.json"))
         out_config = copy.deepcopy(config)
         out_config.architectures = [architecture]
         out_config.dtype = str(dtype).removeprefix("torch.")
@@ -112,17 +116,16 @@ def export_hf(
     dist.barrier()
 
 
-@contextlib.contextmanager
-def _quiet_redistribute_notes() -> Iterator[None]:
-    """Gathering FSDP x TP weights (dp-strided, tp-sharded) takes one all-gather per mesh dim, which
-    DTensor logs on every rank as a performance warning; for a one-off export that is expected."""
-    log = logging.getLogger("torch.distributed.tensor._redistribute")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+def _file_of_each_tensor(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Tensor name -> output file (1, 2, ...), in order, starting a new file before MAX_SHARD_BYTES is passed."""
+    files, index, size = {}, 1, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()  # DTensor: the global size
+        if size and size + nbytes > MAX_SHARD_BYTES:
+            index, size = index + 1, 0
+        files[name] = index
+        size += nbytes
+    return files
 
 
 def _tied_aliases(module: nn.Module) -> set[str]:
@@ -131,24 +134,3 @@ def _tied_aliases(module: nn.Module) -> set[str]:
     return {name for name, _ in module.named_parameters(remove_duplicate=False)} - unique
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], directory: str) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(directory, filename), metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

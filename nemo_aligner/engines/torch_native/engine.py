@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -306,7 +307,10 @@ class TorchNativeEngine:
             checkpoint.save_weights(self.module, path)
 
     def export_hf(self, path: str) -> None:
-        checkpoint.export_hf(self.module, self.hf_config, self.architecture, self.tokenizer, path, dtype=self.compute_dtype)
+        weights = (self.replicated.model_state_dict(self.module) if self.replicated
+                   else get_model_state_dict(self.module))  # the training weights, each rank its pieces
+        checkpoint.export_hf(self.module, weights, self.hf_config, self.architecture, self.tokenizer, path,
+                             dtype=self.compute_dtype)
 
     def state_dict(self) -> dict[str, object]:
         """Engine-level training state that is not weights: scheduler and generation counter."""
