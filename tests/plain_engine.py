@@ -156,7 +156,8 @@ class PlainEngine:
         return params
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: str, *, asynchronous: bool = False) -> None:  # always synchronous
+    def save(self, path: str, *, asynchronous: bool = False, weights_format: str = "torch_dist") -> None:
+        """Always synchronous, always torch.save (the seam needs no more)."""
         assert self.optimizer is not None
         os.makedirs(path, exist_ok=True)
         torch.save({"model": self.module.state_dict(), "optim": self.optimizer.state_dict()},

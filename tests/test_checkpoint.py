@@ -110,3 +110,30 @@ def test_hf_export_loads_in_transformers_with_identical_logits(family: str, requ
     ids = batch["input_ids"]
     hf_logprobs = torch.log_softmax(hf(input_ids=ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(model.get_logprobs(batch), hf_logprobs * batch["loss_mask"][:, 1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision,resume_sharding", [("fp32", "replicate"), ("bf16", "fsdp")])
+def test_safetensors_checkpoints_resume_exactly_and_their_consolidated_directory_serves(
+        llama_dir: str, tmp_path, precision: str, resume_sharding: str) -> None:
+    """model_save_format=safetensors: the weights are HF safetensors (full tensors, training dtype), the
+    optimizer DCP; a resume (also into the other sharding) continues bit for bit, and save_consolidated's
+    directory loads in transformers as is, with the logits of the trained model's own export."""
+    trainer = TrainerConfig(devices=1, precision=Precision(precision))
+    manager = lambda: CheckpointManager(str(tmp_path / "checkpoints"), save_top_k=2, monitor="val_loss",  # noqa: E731
+                                        mode="min", model_save_format="safetensors", save_consolidated=True)
+    model = _policy(llama_dir, trainer=trainer)
+    _steps(model, 0, 2)
+    path = manager().save(2, model, {"policy": model}, {"consumed_samples": 8})
+    with safe_open(os.path.join(path, "model", "weights", "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.float32}  # the masters, for exact resume
+    model.export_hf(str(tmp_path / "export"))
+    uninterrupted = _steps(model, 2, 5)
+
+    resumed = _policy(llama_dir, trainer=trainer, sharding=resume_sharding)
+    manager().load(manager().latest(), resumed, {"policy": resumed})
+    assert _steps(resumed, 2, 5) == uninterrupted
+
+    ids = torch.randint(3, 48, (2, 9), generator=torch.Generator().manual_seed(0))
+    served, exported = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in
+                        (os.path.join(path, "hf"), str(tmp_path / "export")))
+    assert torch.equal(served(input_ids=ids).logits, exported(input_ids=ids).logits)

@@ -148,6 +148,7 @@ def test_a_run_on_the_plain_engine_resumes_exactly(llama_dir: str, data_files: d
 
     def die_at_step_4(self: SPINTrainer, batch: list) -> dict:
         if self.state.step == 3:  # checkpoint at 3, inside iteration 1 with its own reference
+            self.checkpoints.wait()  # killed once that checkpoint is complete (saves may be asynchronous)
             raise KeyboardInterrupt("killed")
         return real_step(self, batch)
 

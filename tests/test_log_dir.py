@@ -39,6 +39,7 @@ def _run(model_dir: str, data: str, log_dir: str, *, die_at: int | None = None, 
 
         def step(batch: dict) -> dict:
             if trainer.state.step + 1 == die_at:
+                trainer.checkpoints.wait()  # killed once the last checkpoint is complete (saves are asynchronous)
                 raise KeyboardInterrupt("killed")
             return real(batch)
 

@@ -123,6 +123,7 @@ def test_resume_equals_uninterrupted_run(llama_dir: str, prompt_file: str, tmp_p
 
     def die_at_step_5(self: RSTrainer, batch: list) -> dict:
         if self.state.step == 4:  # checkpoint at 3; step 4 must be redone
+            self.checkpoints.wait()  # killed once that checkpoint is complete (saves are asynchronous)
             raise KeyboardInterrupt("killed")
         return real_step(self, batch)
 

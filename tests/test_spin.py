@@ -151,6 +151,7 @@ def test_resume_mid_iteration_equals_uninterrupted_run(llama_dir: str, sft_file:
 
     def die_at_step_5(self: SPINTrainer, batch: dict) -> dict:
         if self.state.step == 4:  # checkpoint at 4 is inside iteration 1, with iteration 1's reference
+            self.checkpoints.wait()  # killed once that checkpoint is complete (saves are asynchronous)
             raise KeyboardInterrupt("killed")
         return real_step(self, batch)
 

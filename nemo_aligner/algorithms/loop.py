@@ -98,7 +98,9 @@ class BaseTrainer:
         self.log_dir = exp.explicit_log_dir
         ckpt = exp.checkpoint_callback_params
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, CHECKPOINTS), save_top_k=ckpt.save_top_k,
-                                             monitor=ckpt.monitor, mode=ckpt.mode, asynchronous=ckpt.async_save)
+                                             monitor=ckpt.monitor, mode=ckpt.mode, asynchronous=ckpt.async_save,
+                                             model_save_format=ckpt.model_save_format,
+                                             save_consolidated=ckpt.save_consolidated)
         # The first write to the log directory: everything above (and the caller's data) is validated.
         config = dict(config or {})
         self.start = start_run(self.log_dir, resume_if_exists=exp.resume_if_exists, config=config)

@@ -214,10 +214,16 @@ class CheckpointCallbackParams:
     # Write the model's checkpoint in the background (DCP async_save) while training goes on; `latest`
     # moves once every rank's write finished.
     async_save: bool = True
+    # torch_dist: weights and optimizer state as one DCP checkpoint; safetensors: the weights as Hugging
+    # Face safetensors (full tensors, training dtype) and the optimizer state as DCP; both resume exactly.
+    model_save_format: str = "torch_dist"
+    save_consolidated: bool = False  # also write checkpoints/step_<N>/hf: the HF directory export_to_hf.py makes
 
     def __post_init__(self) -> None:
         require(self.save_top_k >= 1, "exp_manager.checkpoint_callback_params.save_top_k", self.save_top_k, ">= 1")
         require(self.mode in ("min", "max"), "exp_manager.checkpoint_callback_params.mode", self.mode, "one of [min, max]")
+        require(self.model_save_format in ("torch_dist", "safetensors"),
+                "exp_manager.checkpoint_callback_params.model_save_format", self.model_save_format, "torch_dist or safetensors")
 
 
 def check_batch_sizes(global_batch_size: int, micro_batch_size: int, dp: int) -> int:

@@ -126,10 +126,11 @@ class Engine(Protocol):
         ...
 
     # --------------------------------------------------------------- checkpoints
-    def save(self, path: str, *, asynchronous: bool = False) -> Future | None:
-        """Collectively write weights and optimizer state, loadable into any layout. With asynchronous
-        (where the engine can) the state is staged before this returns and written in the background:
-        the returned future completes when this rank's part is on disk; None means it already is."""
+    def save(self, path: str, *, asynchronous: bool = False, weights_format: str = "torch_dist") -> Future | None:
+        """Collectively write weights and optimizer state, loadable into any layout; the weights as DCP
+        (`torch_dist`) or as Hugging Face safetensors (`safetensors`, where the engine can). With
+        asynchronous (where the engine can) the state is staged before this returns and written in the
+        background: the returned future completes when this rank's part is on disk; None means it already is."""
         ...
 
     def load(self, path: str, *, with_optimizer: bool) -> None:

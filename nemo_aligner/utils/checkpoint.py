@@ -50,19 +50,24 @@ class ShardedSaveable(Protocol):
     def load(self, path: str) -> None: ...
 
 
-class AsyncSaveable(Protocol):
-    """A model that can also write its state in the background (GPTModel.save)."""
+class CheckpointableModel(Protocol):
+    """A model whose state can also be written in the background or as HF safetensors, and exported
+    (GPTModel)."""
 
-    def save(self, path: str, *, asynchronous: bool = False) -> Future | None: ...
+    def save(self, path: str, *, asynchronous: bool = False, weights_format: str = "torch_dist") -> Future | None: ...
 
     def load(self, path: str) -> None: ...
+
+    def export_hf(self, path: str) -> None: ...
 
 
 class CheckpointManager:
     """Saves and restores model + optimizer + named Statefuls + RNG + trainer state."""
 
     def __init__(self, checkpoint_dir: str, *, save_top_k: int, monitor: str, mode: str,
-                 asynchronous: bool = False) -> None:
+                 asynchronous: bool = False, model_save_format: str = "torch_dist",
+                 save_consolidated: bool = False) -> None:
+        """`asynchronous`, `model_save_format` and `save_consolidated` need a CheckpointableModel."""
         if mode not in ("min", "max"):
             raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
         self.checkpoint_dir = checkpoint_dir
@@ -70,12 +75,14 @@ class CheckpointManager:
         self.monitor = monitor
         self.mode = mode
         self.asynchronous = asynchronous
+        self.model_save_format = model_save_format
+        self.save_consolidated = save_consolidated
         self._pending: tuple[Future, Callable[[], None]] | None = None  # a background write and its completion
         # asynchronous saves: ranks agree that every write finished over a group of their own (gloo, so
         # a host flag needs no device, and training's collectives never interleave with it)
         self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
 
-    def save(self, step: int, model: ShardedSaveable | AsyncSaveable, statefuls: Mapping[str, Stateful],
+    def save(self, step: int, model: ShardedSaveable | CheckpointableModel, statefuls: Mapping[str, Stateful],
              trainer_state: dict[str, Any], metric: float | None = None,
              sharded_extras: Mapping[str, ShardedSaveable] | None = None) -> str:
         """Write checkpoint `step_<step>` collectively; returns its path, which is `latest` once the save
@@ -87,10 +94,13 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(os.path.join(tmp, "rng"))
         barrier()
-        if self.asynchronous:
-            written = model.save(os.path.join(tmp, "model"), asynchronous=True)  # type: ignore[call-arg]
+        if self.asynchronous or self.model_save_format != "torch_dist":
+            written = model.save(os.path.join(tmp, "model"), asynchronous=self.asynchronous,  # type: ignore[call-arg]
+                                 weights_format=self.model_save_format)
         else:
             written = model.save(os.path.join(tmp, "model"))
+        if self.save_consolidated:  # servable as is: what export_to_hf.py writes
+            model.export_hf(os.path.join(tmp, "hf"))  # type: ignore[union-attr]
         for name, extra in (sharded_extras or {}).items():
             extra.save(os.path.join(tmp, name))
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))

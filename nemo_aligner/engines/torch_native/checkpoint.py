@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -21,6 +22,50 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
 
 MAX_SHARD_BYTES = 5 * 1024**3
+
+
+# Checkpoint formats (exp_manager.checkpoint_callback_params.model_save_format): torch_dist is one DCP
+# checkpoint of {"model", "optim"}; safetensors keeps the weights as Hugging Face safetensors (full tensors
+# under their HF names, in the training dtype) in WEIGHTS_DIR and the optimizer state as DCP in OPTIM_DIR.
+CHECKPOINT_FORMATS = ("torch_dist", "safetensors")
+WEIGHTS_DIR, OPTIM_DIR = "weights", "optim"
+
+
+def write_state(state: dict[str, object], path: str, *, weights_format: str) -> None:
+    """Collectively write `state` ({"model": ..., optionally "optim": ...}) to `path` in `weights_format`."""
+    if weights_format == "torch_dist":
+        dcp.save(state, checkpoint_id=path)
+        return
+    weights = _distinct(state["model"])  # type: ignore[arg-type]
+    _write_safetensors(weights, os.path.join(path, WEIGHTS_DIR), _file_of_each_tensor(weights))
+    if "optim" in state:
+        dcp.save({"optim": state["optim"]}, checkpoint_id=os.path.join(path, OPTIM_DIR))
+
+
+def read_state(state: dict[str, object], path: str) -> None:
+    """Fill `state`'s tensors in place from a checkpoint of either format (told apart by its layout)."""
+    weights = os.path.join(path, WEIGHTS_DIR)
+    if not os.path.isdir(weights):
+        dcp.load(state, checkpoint_id=path)
+        return
+    dcp.load(_distinct(state["model"]), storage_reader=dcp.HuggingFaceStorageReader(weights))  # type: ignore[arg-type]
+    if "optim" in state:
+        optim = {"optim": state["optim"]}
+        dcp.load(optim, checkpoint_id=os.path.join(path, OPTIM_DIR))
+        state["optim"] = optim["optim"]
+
+
+def _distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` without the names whose storage an earlier name already has (tied weights), as HF
+    safetensors store them: once, under the first name (the tie fills the other on load)."""
+    seen, out = set(), {}
+    for name, tensor in tensors.items():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
 
 
 def sharded_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
@@ -35,16 +80,16 @@ def save_weights(module: nn.Module, path: str) -> None:
 
 
 def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, path: str) -> None:
-    """Load a `sharded_state` checkpoint into any (dp, tp) layout; DCP reshards as needed."""
+    """Load a checkpoint (either format) into any (dp, tp) layout; DCP reshards as needed."""
     if optimizer is None:
-        state = {"model": get_model_state_dict(module)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(module, state["model"])
+        state: dict[str, object] = {"model": get_model_state_dict(module)}
+        read_state(state, path)
+        set_model_state_dict(module, state["model"])  # type: ignore[arg-type]
         return
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    read_state(state, path)
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])  # type: ignore[arg-type]
 
 
 def replicated_state(module: nn.Module, replicated: ReplicatedParameters,
@@ -64,7 +109,7 @@ def load_replicated(module: nn.Module, replicated: ReplicatedParameters, optimiz
     state: dict[str, object] = {"model": replicated.model_state_dict(module)}
     if optimizer is not None:
         state["optim"] = replicated.optimizer_state_dict(optimizer)
-    dcp.load(state, checkpoint_id=path)
+    read_state(state, path)
     if optimizer is not None:
         replicated.load_optimizer_state_dict(optimizer, state["optim"])  # type: ignore[arg-type]
     replicated.refresh_compute_weights()
@@ -95,14 +140,8 @@ def export_hf(
     dist.barrier()
     aliases = _tied_aliases(module)
     tensors = {name: tensor.detach().to(dtype) for name, tensor in weights.items() if name not in aliases}
-    files = _file_of_each_tensor(tensors)
-    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=files, save_distributed=True,
-                                                                 enable_consolidation=True))
+    _write_safetensors(tensors, tmp, _file_of_each_tensor(tensors))
     if dist.get_rank() == 0:
-        shutil.rmtree(os.path.join(tmp, "sharded"))  # the per-rank pieces, now consolidated
-        if max(files.values()) == 1:  # one file: the name transformers writes for an unsharded model
-            os.replace(os.path.join(tmp, "model-00001-of-00001.safetensors"), os.path.join(tmp, "model.safetensors"))
-            os.remove(os.path.join(tmp, "model.safetensors.index.json"))
         out_config = copy.deepcopy(config)
         out_config.architectures = [architecture]
         out_config.dtype = str(dtype).removeprefix("torch.")
@@ -113,6 +152,20 @@ def export_hf(
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+    dist.barrier()
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], directory: str, files: dict[str, int]) -> None:
+    """Each rank writes its pieces of `tensors` (DCP's Hugging Face storage writer), consolidated file by file
+    into full tensors in `directory` (`files`: name -> file number); one file is named model.safetensors."""
+    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(directory, fqn_to_index_mapping=files,
+                                                                 save_distributed=True, enable_consolidation=True))
+    if dist.get_rank() == 0:
+        shutil.rmtree(os.path.join(directory, "sharded"))  # the per-rank pieces, now consolidated
+        if max(files.values()) == 1:  # one file: the name transformers writes for an unsharded model
+            os.replace(os.path.join(directory, "model-00001-of-00001.safetensors"),
+                       os.path.join(directory, "model.safetensors"))
+            os.remove(os.path.join(directory, "model.safetensors.index.json"))
     dist.barrier()
 
 

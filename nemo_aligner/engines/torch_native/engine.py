@@ -278,16 +278,17 @@ class TorchNativeEngine:
         return weights.weights_fingerprint(self.module)
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: str, *, asynchronous: bool = False) -> Future | None:
-        """Weights and optimizer state (DCP). Asynchronously: staged in host memory before this returns
-        (training may change them then), written by a background thread, coordinated over a process
-        group of its own so that training's collectives never interleave with it."""
+    def save(self, path: str, *, asynchronous: bool = False, weights_format: str = "torch_dist") -> Future | None:
+        """Weights and optimizer state, in `weights_format` (checkpoint.CHECKPOINT_FORMATS). Asynchronously
+        (torch_dist): staged in host memory before this returns (training may change them then), written
+        by a background thread, coordinated over a process group of its own so that training's
+        collectives never interleave with it; safetensors checkpoints are written synchronously."""
         if self.optimizer is None:
             raise RuntimeError("setup_optimizer() must be called before save()")
         state = (checkpoint.replicated_state(self.module, self.replicated, self.optimizer) if self.replicated
                  else checkpoint.sharded_state(self.module, self.optimizer))
-        if not asynchronous:
-            dcp.save(state, checkpoint_id=path)
+        if not asynchronous or weights_format != "torch_dist":
+            checkpoint.write_state(state, path, weights_format=weights_format)
             return None
         if self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")

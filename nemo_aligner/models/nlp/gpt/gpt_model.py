@@ -174,9 +174,10 @@ class GPTModel:
         return [{k: v.to(self.device) for k, v in mb.items()} for mb in micro_batches]
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: str, *, asynchronous: bool = False) -> Future | None:
-        """Weights and optimizer state; asynchronously, a future that completes when they are on disk."""
-        return self.engine.save(path, asynchronous=asynchronous)
+    def save(self, path: str, *, asynchronous: bool = False, weights_format: str = "torch_dist") -> Future | None:
+        """Weights and optimizer state (weights as DCP or HF safetensors); asynchronously, a future that
+        completes when they are on disk."""
+        return self.engine.save(path, asynchronous=asynchronous, weights_format=weights_format)
 
     def load(self, path: str, *, with_optimizer: bool = True) -> None:
         self.engine.load(path, with_optimizer=with_optimizer)
