@@ -70,8 +70,10 @@ def test_checkpoint_saved_by_one_process_resumes_in_two(runs: dict, layout: str)
     _close(runs["parallel"][layout], runs["single"]["steps"][2:])
 
 
-def test_checkpoint_saved_by_two_processes_resumes_in_one(runs: dict) -> None:
-    _close(runs["resume1"]["resumed_from_2proc"], runs["single"]["steps"][2:])
+@pytest.mark.parametrize("saved", ["resumed_from_2proc", "resumed_from_2proc_safetensors"])
+def test_checkpoint_saved_by_two_processes_resumes_in_one(runs: dict, saved: str) -> None:
+    """TP=2's checkpoint in either format (DCP, or HF safetensors weights + DCP optimizer)."""
+    _close(runs["resume1"][saved], runs["single"]["steps"][2:])
 
 
 def test_tensor_parallel_logprobs_and_greedy_generation(runs: dict) -> None:

@@ -150,12 +150,13 @@ def greedy(model: GPTModel) -> list[list[int]]:
     return out.tokens.tolist()
 
 
-def manager(path: str) -> CheckpointManager:
-    return CheckpointManager(path, save_top_k=2, monitor="val_loss", mode="min")
+def manager(path: str, model_save_format: str = "torch_dist") -> CheckpointManager:
+    return CheckpointManager(path, save_top_k=2, monitor="val_loss", mode="min", model_save_format=model_save_format)
 
 
-def save(model: GPTModel, path: str, step: int) -> None:
-    manager(path).save(step, model, {"policy": model}, {"consumed_samples": step * GLOBAL_BATCH, "epoch": 0})
+def save(model: GPTModel, path: str, step: int, model_save_format: str = "torch_dist") -> None:
+    manager(path, model_save_format).save(step, model, {"policy": model},
+                                          {"consumed_samples": step * GLOBAL_BATCH, "epoch": 0})
 
 
 def resume(model: GPTModel, path: str) -> int:
@@ -232,6 +233,7 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
     reference = retrieve_model_state_dict_in_cpu(tp2)
     out["tp2_steps"] = run_steps(tp2, 0, SAVE_AT)
     save(tp2, f"{work}/ckpt_2proc", SAVE_AT)
+    save(tp2, f"{work}/ckpt_2proc_safetensors", SAVE_AT, model_save_format="safetensors")
     out["tp2_steps"] += run_steps(tp2, SAVE_AT, STEPS)
     trained = retrieve_model_state_dict_in_cpu(tp2)
     with cpu_weight_swap(tp2, reference):
@@ -245,7 +247,10 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
 
 def phase_resume1(model_dir: str, qwen2_dir: str, work: str, precision: Precision) -> dict:
     model = build(model_dir, tp=1, precision=precision)
-    return {"resumed_from_2proc": run_steps(model, resume(model, f"{work}/ckpt_2proc"), STEPS)}
+    out = {"resumed_from_2proc": run_steps(model, resume(model, f"{work}/ckpt_2proc"), STEPS)}
+    model = build(model_dir, tp=1, precision=precision)
+    out["resumed_from_2proc_safetensors"] = run_steps(model, resume(model, f"{work}/ckpt_2proc_safetensors"), STEPS)
+    return out
 
 
 def main() -> None:
