@@ -91,9 +91,9 @@ class ReplicatedParameters:
 
         The losses are shares of the global mean, so the reduction is a sum. Returns the norm before
         clipping; a non-finite norm skips the update (the caller raises) and clears the gradients.
-        With a fused (CUDA) optimizer nothing waits for the norm: the clip factor is applied on the
-        device and a non-finite norm makes the fused kernel skip the update (its `found_inf`), so the
-        host launches the whole step before it reads the norm back.
+        With a fused (CUDA) optimizer over plain masters nothing waits for the norm: the clip factor is
+        applied on the device and a non-finite norm makes the fused kernel skip the update (its
+        `found_inf`), so the host launches the whole step before it reads the norm back.
         """
         if self.dp_size > 1:
             dist.all_reduce(self.flat_grad, group=self.dp_group)
@@ -102,7 +102,8 @@ class ReplicatedParameters:
         grads = [_local(piece) for piece in self.grad_pieces]
         try:
             grad_norm = global_grad_norm(self.masters)
-            on_device = optimizer.defaults.get("fused", False)
+            # fused AdamW's found_inf is a plain tensor: kept to plain (non-tensor-parallel) masters
+            on_device = optimizer.defaults.get("fused", False) and not isinstance(self.masters[0], DTensor)
             if not on_device and not torch.isfinite(grad_norm):
                 return grad_norm
             if max_grad_norm > 0:  # min(1, max / norm): a factor of exactly 1 leaves the gradients as they are
