@@ -97,3 +97,30 @@ def test_generation_passes_the_kv_cache_the_way_this_transformers_version_expect
         warnings.simplefilter("error", FutureWarning)
         out = policy.generate(ids, mask, SamplingParams(use_greedy=True), LengthParams(max_length=3, min_length=3))
     assert out.tokens.shape == (len(PROMPTS), ids.shape[1] + 3)
+
+
+def test_checking_for_finished_rows_less_often_changes_no_output(policy: GPTModel, monkeypatch) -> None:
+    """The finished check runs every FINISHED_CHECK_INTERVAL steps (a host sync each); the extra steps after
+    the last EOS are cut off, so tokens and lengths equal a check after every step. Row r is made to emit
+    EOS at its step r + 2 (a scripted sampler), so every row finishes early, each at another step."""
+    import nemo_aligner.engines.torch_native.generation as generation
+
+    ids, mask = _left_padded(policy.tokenizer.pad_token_id)
+    eos, pad, steps = 40, policy.tokenizer.pad_token_id, iter(range(1000))
+
+    def scripted(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        step = next(steps)
+        return torch.tensor([eos if step == row + 2 else 5 for row in range(logits.shape[0])])
+
+    monkeypatch.setattr(generation, "sample_next_token", scripted)
+    outputs = []
+    for interval in (1, 8):
+        steps = iter(range(1000))
+        monkeypatch.setattr(generation, "FINISHED_CHECK_INTERVAL", interval)
+        out = generate(policy.engine.module, ids, mask, sampling=SamplingParams(use_greedy=True),
+                       length=LengthParams(max_length=20), eos_token_id=eos, pad_token_id=pad, generator=None,
+                       dp_group=None)
+        outputs.append(out)
+    assert torch.equal(outputs[0].tokens, outputs[1].tokens)
+    assert outputs[0].response_lengths.tolist() == [3, 4, 5, 6][: ids.shape[0]]
+    assert outputs[1].tokens.shape[1] == ids.shape[1] + ids.shape[0] + 2  # ends with the longest response

@@ -11,6 +11,11 @@ from torch.distributed.tensor import DTensor
 
 from nemo_aligner.types import Generations, LengthParams, SamplingParams
 
+# Decode steps between checks that every row has finished: each check reads a flag back from the device
+# (and all-reduces it over data-parallel ranks), which stalls the host's launching of the next steps.
+# Steps past the last row's EOS only add padding, which is cut off, so the output does not depend on it.
+FINISHED_CHECK_INTERVAL = 8
+
 
 def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from `logits` [B, V] fp32: greedy, or temperature / top-k / top-p sampling."""
@@ -47,8 +52,9 @@ def generate(
     """Extend left-padded prompts `input_ids` [B, P] until EOS or `length.max_length` new tokens.
 
     Every data-parallel rank runs the same number of forward passes (FSDP gathers weights in
-    each), so a rank whose rows all finished keeps stepping until every rank has. Finished rows
-    are filled with `pad_token_id`.
+    each), so a rank whose rows all finished keeps stepping until every rank has; whether they have
+    is checked every FINISHED_CHECK_INTERVAL steps. Finished rows are filled with `pad_token_id`, and
+    the responses end with the longest one.
     """
     batch = input_ids.shape[0]
     cache = cache_argument(module)
@@ -67,13 +73,16 @@ def generate(
         response_lengths += (~finished).long()
         finished |= token == eos_token_id
         new_tokens.append(token)
-        if step == length.max_length - 1 or _all_finished(finished, dp_group):
+        if step == length.max_length - 1 or ((step + 1) % FINISHED_CHECK_INTERVAL == 0
+                                              and _all_finished(finished, dp_group)):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = module(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=True, logits_to_keep=1, **{cache: getattr(out, cache)})
     responses = torch.stack(new_tokens, dim=1) if new_tokens else input_ids[:, :0]
+    longest = int(_longest(response_lengths, dp_group))
+    responses = responses[:, :longest]  # the steps after every rank's last EOS produced only padding
     return Generations(tokens=torch.cat([input_ids, responses], dim=1),
                        prompt_lengths=attention_mask[:, : input_ids.shape[1]].sum(dim=-1),
                        response_lengths=response_lengths)
@@ -91,6 +100,14 @@ def _last_logits(logits: torch.Tensor) -> torch.Tensor:
     if isinstance(last, DTensor):
         last = last.full_tensor()
     return last.float()
+
+
+def _longest(response_lengths: torch.Tensor, dp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The longest response over every data-parallel rank (all ranks return equally wide tokens)."""
+    longest = response_lengths.max().reshape(1) if response_lengths.numel() else response_lengths.new_zeros(1)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=dp_group)
+    return longest
 
 
 def _all_finished(finished: torch.Tensor, dp_group: dist.ProcessGroup | None) -> bool:
