@@ -19,17 +19,20 @@ from nemo_aligner.types import DataParallel
 
 
 def _loader(dataset: Any, *, global_batch_size: int, data_parallel: DataParallel, data: DataLoadingConfig, shuffle: bool,
-            collate: Callable[[list[Any]], Any], token_fields: tuple[str, ...]) -> StepDataLoader:
+            collate: Callable[[list[Any]], Any], token_fields: tuple[str, ...],
+            micro_batch_size: int | None = None) -> StepDataLoader:
     """With packing, global batches are split over the ranks by tokens (the `token_fields` of an example,
-    the prompt counted once per sequence that carries it), so packed rows are as long on every rank;
-    with group_by_length, global batches hold examples of similar length."""
-    balance_ranks = data.packing and data_parallel.size > 1
+    the prompt counted once per sequence that carries it), so packed rows are as long on every rank, and
+    given `micro_batch_size` each rank's micro-batches too; with group_by_length, global batches hold
+    examples of similar length."""
+    balance_ranks = data.packing and (data_parallel.size > 1 or micro_batch_size is not None)
     token_counts = None
     if balance_ranks or data.group_by_length:
         token_counts = [_tokens(dataset[i], token_fields) for i in range(len(dataset))]
     sampler = GlobalBatchSampler(len(dataset), global_batch_size=global_batch_size, dp_rank=data_parallel.rank,
                                  dp_size=data_parallel.size, seed=data.seed, shuffle=shuffle, token_counts=token_counts,
-                                 balance_ranks=balance_ranks, group_by_length=data.group_by_length)
+                                 balance_ranks=balance_ranks, micro_batch_size=micro_batch_size,
+                                 group_by_length=data.group_by_length)
     return StepDataLoader(dataset, sampler, collate)
 
 
@@ -40,16 +43,18 @@ def _tokens(example: dict[str, Any], fields: tuple[str, ...]) -> int:
 
 def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: PreferenceDataConfig, *,
                             max_seq_length: int, global_batch_size: int, data_parallel: DataParallel,
-                            shuffle: bool) -> StepDataLoader:
+                            shuffle: bool, micro_batch_size: int | None = None) -> StepDataLoader:
     """Preference pairs from `path` (validated whole, up front) in global batches of
-    `global_batch_size` pairs, collated in the pair layout."""
+    `global_batch_size` pairs, collated in the pair layout; with packing, `micro_batch_size` (pairs)
+    lets each rank's micro-batches carry about equal tokens."""
     dataset = PreferenceDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
                                 default_chosen_reward=data.default_chosen_reward,
                                 default_rejected_reward=data.default_rejected_reward)
     collate = functools.partial(pair_collate, pad_token_id=tokenizer.pad_token_id,
                                 pad_to_multiple_of=data.pad_to_multiple_of)
     return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, data=data,
-                   shuffle=shuffle, collate=collate, token_fields=("prompt_ids", "chosen_ids", "rejected_ids"))
+                   shuffle=shuffle, collate=collate, token_fields=("prompt_ids", "chosen_ids", "rejected_ids"),
+                   micro_batch_size=micro_batch_size)
 
 
 def build_sft_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLoadingConfig, *, max_seq_length: int,

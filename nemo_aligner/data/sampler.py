@@ -41,7 +41,7 @@ class GlobalBatchSampler:
 
     def __init__(self, num_samples: int, *, global_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  shuffle: bool = True, token_counts: Sequence[int] | None = None, balance_ranks: bool = False,
-                 group_by_length: bool = False) -> None:
+                 micro_batch_size: int | None = None, group_by_length: bool = False) -> None:
         """Checks the sizes and logs how many samples each epoch uses.
 
         Args:
@@ -54,6 +54,8 @@ class GlobalBatchSampler:
             token_counts: the tokens each sample costs (needed by the next two).
             balance_ranks: split every global batch over the ranks so that their token sums are as
                 even as balanced_shares makes them (packing: rows of about equal length on every rank).
+            micro_batch_size: with balance_ranks, also order each rank's share so that its consecutive
+                runs of this many samples (its micro-batches) carry about equal tokens.
             group_by_length: put samples of similar length in the same global batches (each run of
                 GROUP_BATCHES global batches of the epoch's order sorted by length, the batches then
                 shuffled), so that a batch padded to its longest sample carries little padding.
@@ -82,6 +84,7 @@ class GlobalBatchSampler:
         self._consumed_samples = 0
         self._token_counts = token_counts
         self._balance_ranks = balance_ranks
+        self._micro_batch_size = micro_batch_size
         self._group_by_length = group_by_length
         # of the last batch taken, when balancing: the most tokens a rank got / the mean over ranks - 1
         self.token_imbalance: float | None = None
@@ -125,7 +128,11 @@ class GlobalBatchSampler:
         shares = balanced_shares(global_batch, [self._token_counts[i] for i in global_batch], self._dp_size)
         tokens = [sum(self._token_counts[i] for i in share) for share in shares]
         self.token_imbalance = max(tokens) / (sum(tokens) / self._dp_size) - 1 if sum(tokens) else 0.0
-        return shares[self._dp_rank]
+        share, micro = shares[self._dp_rank], self._micro_batch_size
+        if micro and len(share) % micro == 0 and len(share) > micro:
+            share = [i for run in balanced_shares(share, [self._token_counts[i] for i in share], len(share) // micro)
+                     for i in run]
+        return share
 
     def epoch_batches(self) -> Iterator[list[int]]:
         """Takes the remaining global batches of the current epoch, one per iteration.

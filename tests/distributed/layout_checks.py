@@ -82,7 +82,7 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     policy.setup_optimizer(max_steps=steps)
-    loader = build_preference_loader(data, shuffle=True, **loader_args(policy, cfg))
+    loader = build_preference_loader(data, shuffle=True, micro_batch_size=cfg.micro_batch_size, **loader_args(policy, cfg))
     if isinstance(policy.reference, PrecomputedReference):
         policy.reference.precompute_into(loader.dataset, name=f"layout-tp{tp}", cache_dir=os.path.dirname(data) + "/cache",
                                          pairs_per_forward=3, collate=loader.collate, score=policy.sequence_logps)

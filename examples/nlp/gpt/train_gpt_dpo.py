@@ -33,7 +33,7 @@ def main(raw: DictConfig) -> None:
     data = cfg.model.data
     loader = functools.partial(build_preference_loader, tokenizer=policy.tokenizer, data=data,
                                max_seq_length=cfg.model.encoder_seq_length, global_batch_size=cfg.model.global_batch_size,
-                               data_parallel=policy.data_parallel)
+                               data_parallel=policy.data_parallel, micro_batch_size=cfg.model.micro_batch_size)
     train = loader(data.data_prefix.train, shuffle=True)
     val = loader(data.data_prefix.validation, shuffle=False)
     task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
