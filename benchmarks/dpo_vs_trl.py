@@ -169,7 +169,7 @@ def run_trl(spec: dict, args: argparse.Namespace) -> dict:
                          processing_class=tokenizer, callbacks=[StepTimer()])
     _reset_peak_memory()
     trainer.train()
-    result = _step_summary(step_times[args.warmup:], args, online_reference=not spec["precompute"])
+    result = _step_summary(step_times[args.warmup:], args, examples, online_reference=not spec["precompute"])
     result["padding_share"] = padding_share(examples, args.pairs, args.pairs, packing=False)  # its batches: one padded block
     if precompute_times:
         pairs, seconds = precompute_times[0]
@@ -255,7 +255,8 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
         step(index)
         sync()
         times.append(time.perf_counter() - start)
-    result.update(_step_summary(times[args.warmup:], args, online_reference=not isinstance(policy.reference, PrecomputedReference)))
+    result.update(_step_summary(times[args.warmup:], args, examples,
+                                online_reference=not isinstance(policy.reference, PrecomputedReference)))
     result["memory_between_steps_gib"] = _allocated_gib()
     result["losses"] = losses  # the same data and initialisation in every run of ours: comparable across modes
     result["engine"] = policy.engine.describe()
@@ -302,11 +303,11 @@ def _allocated_gib() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- both
-def _step_summary(times: list[float], args: argparse.Namespace, *, online_reference: bool) -> dict:
-    """Median step time; tokens and model FLOPs per step are the dataset's means per pair x pairs per step
+def _step_summary(times: list[float], args: argparse.Namespace, examples: list[tuple[list[int], list[int], list[int]]],
+                  *, online_reference: bool) -> dict:
+    """Median step time; tokens and model FLOPs per step are the `examples`' means per pair x pairs per step
     (the real tokens of both sequences of a pair: padding is not counted)."""
     step = statistics.median(times)
-    examples = synthetic_ids(1, args.dataset_pairs, args.prompt_len, args.response_len, seed=0, workload=args.workload)
     sequences = [len(p) + len(r) for p, c, rj in examples for r in (c, rj)]
     tokens = args.pairs * sum(sequences) / len(examples)
     forward = sum(n * forward_flops_per_token(SHAPES[args.shape], n) for n in sequences) / len(examples) * args.pairs

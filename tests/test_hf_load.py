@@ -21,8 +21,12 @@ def _weights(model: GPTModel) -> dict[str, torch.Tensor]:
 
 
 def _rank0_path(path: str) -> dict[str, torch.Tensor]:
-    """The same model filled by the rank-0 path: transformers' own loading, then broadcast."""
+    """The same model filled by the rank-0 path (transformers' own loading, then broadcast), starting from
+    zeroed weights so that a load that changed nothing would show."""
     model = GPTModel(model_cfg(), pretrained(path), FP32)
+    with torch.no_grad():
+        for param in model.engine.module.parameters():
+            param.zero_()
     load_full_state_dict(model.engine.module,
                          AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
     return _weights(model)

@@ -34,3 +34,24 @@ def test_global_grad_norm_of_plain_tensors() -> None:
         p.grad = g
     flat = torch.cat([g.flatten() for g in grads if g is not None])
     assert global_grad_norm(params).item() == pytest.approx(flat.norm().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 100.0])
+def test_clip_grads_matches_torch_clip_grad_norm(max_norm: float) -> None:
+    """min(1, max / norm) on the device: torch's clipping when it engages, the gradients untouched when the
+    norm is below the bound or clipping is off."""
+    from nemo_aligner.engines.torch_native.optim import clip_grads_
+
+    gen = torch.Generator().manual_seed(1)
+    ours, reference = ([torch.nn.Parameter(torch.zeros(n)) for n in (3, 7)] for _ in range(2))
+    for a, b in zip(ours, reference):
+        a.grad = torch.randn(a.shape, generator=gen)
+        b.grad = a.grad.clone()
+    before = [p.grad.clone() for p in ours]
+    clip_grads_(ours, global_grad_norm(ours), max_norm)
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    for a, b, original in zip(ours, reference, before):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        if max_norm != 0.5:
+            assert torch.equal(a.grad, original)

@@ -169,6 +169,9 @@ def parallel_load_matches_rank0(model_dir: str, tp: int, sharding: str) -> bool:
     transformers' load on rank 0 and a broadcast give, bit for bit (on every rank)."""
     model = build(model_dir, tp=tp, precision=Precision.fp32, sharding=sharding)
     parallel = retrieve_model_state_dict_in_cpu(model)
+    with torch.no_grad():  # so that a rank-0 load that changed nothing would show
+        for param in model.engine.module.parameters():
+            param.zero_()
     full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict() if dist.get_rank() == 0 else {}
     load_full_state_dict(model.engine.module, full)
     rank0 = retrieve_model_state_dict_in_cpu(model)

@@ -119,3 +119,15 @@ def _fork_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share another name's parameter (tied embeddings) -> that first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

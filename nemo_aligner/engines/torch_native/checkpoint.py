@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from nemo_aligner.engines.torch_native.build import tied_aliases
 from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -138,7 +139,7 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    aliases = _tied_aliases(module)
+    aliases = tied_aliases(module)
     tensors = {name: tensor.detach().to(dtype) for name, tensor in weights.items() if name not in aliases}
     _write_safetensors(tensors, tmp, _file_of_each_tensor(tensors))
     if dist.get_rank() == 0:
@@ -179,11 +180,4 @@ def _file_of_each_tensor(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
         files[name] = index
         size += nbytes
     return files
-
-
-def _tied_aliases(module: nn.Module) -> set[str]:
-    """Names that point at a parameter already listed under another name (tied embeddings)."""
-    unique = {name for name, _ in module.named_parameters()}
-    return {name for name, _ in module.named_parameters(remove_duplicate=False)} - unique
-
 

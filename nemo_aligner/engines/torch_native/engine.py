@@ -31,7 +31,7 @@ from nemo_aligner.engines.torch_native.generation import generate
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
 from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline, check_packing,
                                                       check_tensor_parallel, resolve_sharding)
-from nemo_aligner.engines.torch_native.optim import build_optimizer, global_grad_norm, scale_grads_
+from nemo_aligner.engines.torch_native.optim import build_optimizer, clip_grads_, global_grad_norm
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
 from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
 from nemo_aligner.engines.torch_native.scoring import batch_logprobs
@@ -186,10 +186,10 @@ class TorchNativeEngine:
             grad_norm = float(self.replicated.step(self.optimizer, max_grad_norm))
         else:
             params = [p for p in self.module.parameters() if p.requires_grad]
-            grad_norm = float(global_grad_norm(params))
+            norm = global_grad_norm(params)
+            grad_norm = float(norm)
             if math.isfinite(grad_norm):
-                if 0 < max_grad_norm < grad_norm:
-                    scale_grads_(params, max_grad_norm / (grad_norm + 1e-6))
+                clip_grads_(params, norm, max_grad_norm)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(grad_norm):

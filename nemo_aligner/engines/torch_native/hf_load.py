@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict)
 from transformers import AutoModelForCausalLM
 
+from nemo_aligner.engines.torch_native.build import tied_aliases
 from nemo_aligner.utils.distributed import log_rank0
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def load_hf_weights(model: nn.Module, path: str) -> None:
     state = get_model_state_dict(model)
     stored = stored_tensor_names(path)
     wanted = {name: tensor for name, tensor in state.items() if stored is not None and name in stored}
-    missing = sorted(set(state) - set(wanted) - _tied_names(model))
+    missing = sorted(set(state) - set(wanted) - set(tied_aliases(model)))
     if stored is None or missing:
         reason = "no safetensors files" if stored is None else f"tensors named otherwise, e.g. {missing[:3]}"
         log_rank0(logger, "%s has %s: loading it on rank 0 through transformers and broadcasting", path, reason)
@@ -73,13 +74,3 @@ def load_full_state_dict(model: nn.Module, full_state_dict: dict[str, torch.Tens
     set_model_state_dict(model, full_state_dict,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
 
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """State-dict names whose parameter is another name's (an HF directory stores a tied weight once)."""
-    seen: set[int] = set()
-    tied = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen.add(id(param))
-    return tied

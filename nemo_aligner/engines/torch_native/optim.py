@@ -61,7 +61,11 @@ def _sum_over(tensor: torch.Tensor, mesh: DeviceMesh, dims: tuple[int, ...]) -> 
 
 
 @torch.no_grad()
-def scale_grads_(params: list[nn.Parameter], factor: float) -> None:
-    """Multiply every gradient by `factor`, one fused kernel per device and dtype (DTensors by their local pieces)."""
+def clip_grads_(params: list[nn.Parameter], grad_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradients by min(1, max_norm / grad_norm) (0 disables), computed on the device, so nothing
+    waits for the norm; one fused kernel per device and dtype (DTensors by their local pieces). A factor
+    of exactly 1 leaves the gradients as they are."""
+    if max_norm <= 0:
+        return
     grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-    torch._foreach_mul_(grads, factor)
+    torch._foreach_mul_(grads, (max_norm / (grad_norm + 1e-6)).clamp(max=1.0))

@@ -7,6 +7,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from nemo_aligner.engines.torch_native.activation_checkpoint import apply_activation_checkpointing
+from nemo_aligner.engines.torch_native.build import tied_aliases
 from nemo_aligner.engines.torch_native.compile import apply_compile
 from nemo_aligner.engines.torch_native.fsdp import apply_fsdp
 from nemo_aligner.engines.torch_native.tensor_parallel import apply_tp
@@ -40,7 +41,7 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     aside and restored; tied parameters (e.g. embeddings and LM head) are tied again.
     """
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    aliases = _tied_aliases(model)
+    aliases = tied_aliases(model)
     model.to_empty(device=device)
     for alias, owner in aliases.items():  # to_empty gives each name its own new parameter (FSDP keeps ties itself)
         module_name, _, attr = alias.rpartition(".")
@@ -49,14 +50,3 @@ def materialize(model: nn.Module, device: torch.device) -> None:
         for name, buf in model.named_buffers():
             buf.copy_(buffers[name])
 
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """Parameter names that share another name's parameter -> that first name."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases

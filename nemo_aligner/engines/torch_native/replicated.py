@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from nemo_aligner.engines.torch_native.optim import global_grad_norm
+from nemo_aligner.engines.torch_native.optim import clip_grads_, global_grad_norm
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -99,15 +99,13 @@ class ReplicatedParameters:
             dist.all_reduce(self.flat_grad, group=self.dp_group)
         for master, piece in zip(self.masters, self.grad_pieces):
             master.grad = _like(piece, master)
-        grads = [_local(piece) for piece in self.grad_pieces]
         try:
             grad_norm = global_grad_norm(self.masters)
             # fused AdamW's found_inf is a plain tensor: kept to plain (non-tensor-parallel) masters
             on_device = optimizer.defaults.get("fused", False) and not isinstance(self.masters[0], DTensor)
             if not on_device and not torch.isfinite(grad_norm):
                 return grad_norm
-            if max_grad_norm > 0:  # min(1, max / norm): a factor of exactly 1 leaves the gradients as they are
-                torch._foreach_mul_(grads, (max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
+            clip_grads_(self.masters, grad_norm, max_grad_norm)
             if on_device:
                 optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # type: ignore[attr-defined]
             optimizer.step()
