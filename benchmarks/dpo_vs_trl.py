@@ -18,6 +18,9 @@ sigmoid loss, beta 0.1; plus our README configuration (512 + 512 tokens, 64 pair
   ours_packed        ours_precomputed with model.data.packing=true (for the variable-length --workload pm64 / longtail)
   ours_*checkpointed the same with activation checkpointing per layer (model.activations_checkpoint_granularity=full),
                      as TRL's default has gradient checkpointing: the memory comparison at equal recomputation
+  ours_checkpointed_half  ours_precomputed checkpointing the first half of the layers (activations_checkpoint_num_layers)
+  ours_micro4, ours_micro2  ours_precomputed in micro-batches of 4 / 2 pairs (the same 8 pairs per step): memory
+                     bounded by the micro-batch instead of recomputation
   ours_readme        the README configuration, bf16 with fp32 masters, reference precomputed
 
 `--workload pm64` draws every prompt and response length within +-64 of the given ones (uniform),
@@ -60,6 +63,10 @@ RUNS = {
     "ours_packed": dict(system="ours", precision="bf16", reference="precomputed", packing=True),
     "ours_checkpointed": dict(system="ours", precision="bf16", reference="precomputed", checkpointing=True),
     "ours_pure_bf16_checkpointed": dict(system="ours", precision="bf16_pure", reference="precomputed", checkpointing=True),
+    "ours_checkpointed_half": dict(system="ours", precision="bf16", reference="precomputed", checkpointing=True,
+                                   checkpoint_layers="half"),
+    "ours_micro4": dict(system="ours", precision="bf16", reference="precomputed", micro_pairs=4),
+    "ours_micro2": dict(system="ours", precision="bf16", reference="precomputed", micro_pairs=2),
     "ours_readme": dict(system="ours", precision="bf16", reference="precomputed", prompt_len=512, response_len=512,
                         pairs=64, micro_pairs=8),
 }
@@ -218,6 +225,8 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
     cfg = DPOModelConfig(micro_batch_size=micro, global_batch_size=args.pairs, encoder_seq_length=longest,
                          data=PreferenceDataConfig(packing=spec.get("packing", False)),
                          activations_checkpoint_granularity="full" if spec.get("checkpointing") else None,
+                         activations_checkpoint_num_layers=(SHAPES[args.shape]["num_hidden_layers"] // 2
+                                                            if spec.get("checkpoint_layers") == "half" else None),
                          optim=OptimConfig(lr=1e-6),
                          dpo=DPOLossConfig(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.ref_micro_pairs,
                                            reference=ReferenceConfig(strategy=ReferenceStrategy(spec["reference"]))))
@@ -354,6 +363,8 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.workload == "pm64" and min(args.prompt_len, args.response_len) <= 64:
+        parser.error("--workload pm64 draws lengths within +-64: --prompt-len and --response-len must exceed 64")
     if args.worker:
         worker(args.worker, args)
         return

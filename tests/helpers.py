@@ -133,3 +133,13 @@ def accumulated_grads(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
     grads = (engine.replicated.gradients() if engine.replicated
              else {name: p.grad for name, p in engine.module.named_parameters()})
     return {name: g.full_tensor() if hasattr(g, "full_tensor") else g for name, g in grads.items()}
+
+
+def finish_check(results: dict, out: str | None) -> None:
+    """End a GPU check script: results (with "passed") printed, written to `out` if given, and the
+    exit status 0 only if it passed."""
+    print(json.dumps(results, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+    sys.exit(0 if results["passed"] else 1)

@@ -151,27 +151,50 @@ def test_attention_implementation_is_a_config_choice_with_a_per_family_default(f
                  FP32)
 
 
-def test_compiled_checkpointed_layers_give_the_eager_loss_and_gradients_without_recompiling(llama_dir: str) -> None:
-    """torch.compile per layer and activation checkpointing (both GPU defaults or options) change
-    nothing in the values; a second step of the same shape compiles nothing new."""
+def _saved_activation_bytes(model: GPTModel, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes the autograd graph of one forward keeps for its backward, parameters not counted."""
+    params = {p.data_ptr() for p in model.engine.module.parameters()}
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.forward_backward(batch, _sft(batch))
+    return sum(saved)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_checkpointed_layers_keep_only_their_inputs_and_change_nothing(llama_dir: str, compiled: bool) -> None:
+    """Activation checkpointing (alone or inside each compiled layer's graph) gives the plain loss and
+    gradients, keeps a fraction of the activations (fewer with more layers checkpointed), and every
+    checkpointed layer shares one compiled graph: a second step of the same shape compiles nothing."""
     import torch._dynamo
 
     batch = right_padded_batch(4, 11, 48, seed=1)
-    results = []
-    torch._dynamo.utils.counters.clear()
-    for fast in (False, True):
-        model = GPTModel(model_cfg(torch_compile=fast, activations_checkpoint_granularity="full" if fast else None),
+    results, saved = {}, {}
+    for layers in ("none", 1, "all"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        checkpointing = dict(activations_checkpoint_granularity="full",
+                             activations_checkpoint_num_layers=None if layers == "all" else layers)
+        model = GPTModel(model_cfg(torch_compile=compiled, **({} if layers == "none" else checkpointing)),
                          pretrained(llama_dir), FP32)
         loss = model.forward_backward(batch, _sft(batch))["loss"]
-        results.append((loss, {n: g.clone() for n, g in accumulated_grads(model).items()}))
-    assert list(results[1][1]) == list(results[0][1])  # parameter names unchanged by the wrappers
-    assert results[1][0].item() == pytest.approx(results[0][0].item(), abs=1e-6)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs >= 1  # the fast model's layers did compile
-    model.forward_backward(batch, _sft(batch))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        results[layers] = (loss, {n: g.clone() for n, g in accumulated_grads(model).items()})
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs == (0 if not compiled else 2 if layers == 1 else 1)  # one per distinct layer class
+        saved[layers] = _saved_activation_bytes(model, batch)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert saved["all"] < saved[1] < saved["none"]
+    assert saved["all"] < 0.5 * saved["none"]
+    for layers in (1, "all"):
+        assert list(results[layers][1]) == list(results["none"][1])  # parameter names unchanged by the wrappers
+        assert results[layers][0].item() == pytest.approx(results["none"][0].item(), abs=1e-6)
+        for name, grad in results["none"][1].items():
+            torch.testing.assert_close(results[layers][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_pure_bf16_keeps_weights_and_optimizer_state_in_bf16_and_trains(llama_dir: str) -> None:

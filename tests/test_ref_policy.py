@@ -92,3 +92,17 @@ def test_training_after_generation_continues_as_if_no_generation_happened(llama_
         model.forward_backward(probe, functools.partial(sft_loss_fn, global_num_tokens=probe["loss_mask"][:, 1:].sum()))
         model.optimizer_step(1.0)
     assert _equal(retrieve_model_state_dict_in_cpu(generated), retrieve_model_state_dict_in_cpu(plain))
+
+
+def test_streamed_swap_copies_each_weight_once_in_forward_order(llama_dir: str) -> None:
+    """The layer-by-layer swap (GPU: each layer's copy overlaps the previous layer's forward) groups the
+    weights as a forward needs them: embeddings, final norm and head first, then layer 0, 1, ..."""
+    from nemo_aligner.engines.torch_native.fsdp import decoder_layers
+    from nemo_aligner.engines.torch_native.weights import forward_order_groups
+
+    module = GPTModel(model_cfg(), pretrained(llama_dir), FP32).engine.module
+    names = [name for name, _ in module.named_parameters()]
+    groups = forward_order_groups(module, decoder_layers(module), names)
+    assert sorted(sum(groups, [])) == sorted(names)  # each weight exactly once
+    assert groups[0] == [n for n in names if ".layers." not in n] and "model.embed_tokens.weight" in groups[0]
+    assert len(groups) == 3 and all(groups[1 + i] == [n for n in names if f".layers.{i}." in n] for i in range(2))

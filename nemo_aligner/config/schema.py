@@ -141,7 +141,8 @@ class ModelConfig:
     # null: sdpa where the model family supports it, eager otherwise (e.g. Gemma2).
     attn_implementation: Optional[str] = None
     torch_compile: Optional[bool] = None  # torch.compile each decoder layer; null: on with CUDA, off on CPU
-    activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute every decoder layer)
+    activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute decoder layers in the backward)
+    activations_checkpoint_num_layers: Optional[int] = None  # with full: the first N decoder layers; null: all
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -149,6 +150,9 @@ class ModelConfig:
                 self.data_parallel_sharding, "auto, replicate or fsdp")
         require(self.activations_checkpoint_granularity in (None, "full"), "model.activations_checkpoint_granularity",
                 self.activations_checkpoint_granularity, "null or full")
+        if self.activations_checkpoint_num_layers is not None:
+            require(self.activations_checkpoint_num_layers >= 1, "model.activations_checkpoint_num_layers",
+                    self.activations_checkpoint_num_layers, "null or >= 1")
         for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
                     "pipeline_model_parallel_size", "encoder_seq_length", "log_prob_chunk_size"):
             require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), ">= 1")

@@ -26,7 +26,7 @@ from nemo_aligner.engines.base import ReduceOp, WeightPlace
 from nemo_aligner.engines.torch_native import checkpoint, weights
 from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, load_hf_config,
                                                      load_tokenizer, random_init_on_rank0)
-from nemo_aligner.engines.torch_native.fsdp import gathered_for_decoding, reshard_fsdp
+from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import generate
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
 from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline, check_packing,
@@ -55,6 +55,7 @@ class ComputeOptions:
     attn_implementation: str
     compile_layers: bool
     activation_checkpointing: bool
+    activation_checkpoint_layers: int | None  # the first N decoder layers; None: all
     log_prob_chunk_size: int
 
     @classmethod
@@ -66,9 +67,11 @@ class ComputeOptions:
         return cls(compute_dtype=compute, master_dtype=torch.bfloat16 if precision is Precision.bf16_pure else torch.float32,
                    attn_implementation=attention_implementation(
                        hf_config, model.attn_implementation,
-                       packed_on_cuda=device.type == "cuda" and getattr(model, "data", None) is not None and model.data.packing),
+                       packed_on_cuda=(device.type == "cuda" and compute != torch.float32
+                                       and getattr(model, "data", None) is not None and model.data.packing)),
                    compile_layers=compile_layers,
                    activation_checkpointing=model.activations_checkpoint_granularity == "full",
+                   activation_checkpoint_layers=model.activations_checkpoint_num_layers,
                    log_prob_chunk_size=model.log_prob_chunk_size)
 
 
@@ -104,7 +107,9 @@ class TorchNativeEngine:
         self.architecture = type(self.module).__name__
         replicate = resolve_sharding(data_parallel_sharding, self.num_parameters(), self.tp_size, device)
         parallelize(self.module, mesh, compute_dtype=options.compute_dtype, fsdp=not replicate,
-                    activation_checkpointing=options.activation_checkpointing, compile_layers=options.compile_layers)
+                    activation_checkpointing=options.activation_checkpointing,
+                    activation_checkpoint_layers=options.activation_checkpoint_layers,
+                    compile_layers=options.compile_layers)
         materialize(self.module, device)
         if restore_from_path is not None:
             load_hf_weights(self.module, restore_from_path)
@@ -123,6 +128,7 @@ class TorchNativeEngine:
         self._stashes: dict[str, dict[str, torch.Tensor]] = {}  # training weights set aside, by place
         self._checkpoint_group: dist.ProcessGroup | None = None  # asynchronous saves' own (made at the first)
         self._swapped = False
+        self._host_copy_stream: torch.cuda.Stream | None = None
 
     def describe(self) -> str:
         options, name = self.options, lambda dtype: str(dtype).removeprefix("torch.")
@@ -130,7 +136,8 @@ class TorchNativeEngine:
         return (f"{self.architecture}: {self.num_parameters() / 1e6:.1f}M parameters, dp={self.dp_size} ({sharding}) "
                 f"tp={self.tp_size}, {name(options.compute_dtype)} compute on {name(options.master_dtype)} weights, "
                 f"{options.attn_implementation} attention{', compiled layers' if options.compile_layers else ''}"
-                f"{', activation checkpointing' if options.activation_checkpointing else ''}")
+                f"{', activation checkpointing' if options.activation_checkpointing else ''}"
+                f"{f' of {options.activation_checkpoint_layers} layers' if options.activation_checkpoint_layers else ''}")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())  # DTensor numel is the global size
@@ -251,20 +258,27 @@ class TorchNativeEngine:
         """The network computes with `buffers` inside the block; see the Protocol. With replicated masters
         the training weights are never set aside: on exit the compute weights are rebuilt from the
         masters on the device. Otherwise they wait in a stash (allocated once, where the buffers live).
-        The copy in is not waited for: the forwards inside are launched while it runs (they queue
-        behind it on the device), and the device is synchronised on exit, before `buffers` may change."""
+        Host buffers of a replicated model stream in one decoder layer at a time, overlapped with the
+        forwards inside (weights.streamed_weights_from); otherwise the copy in is not waited for either:
+        the forwards queue behind it on the device. The device is synchronised on exit, before
+        `buffers` may change."""
         if self._swapped:
             raise RuntimeError("weights are already swapped in; swapped_weights blocks cannot nest")
         from_masters = self.replicated is not None and self.replicated.has_masters
+        place = "host" if next(iter(buffers.values())).device.type == "cpu" else "device"
         if not from_masters:
-            place = "host" if next(iter(buffers.values())).device.type == "cpu" else "device"
             if place not in self._stashes:
                 self._stashes[place] = self.allocate_weights(place)  # type: ignore[arg-type]
             weights.copy_weights_to(self.module, self._stashes[place])
-        weights.copy_weights_from(self.module, buffers, wait=False)  # checks names and shapes first
-        self._swapped = True
         try:
-            yield
+            with contextlib.ExitStack() as copy_in:  # names and shapes are checked before any weight changes
+                if self.replicated is not None and place == "host":
+                    copy_in.enter_context(weights.streamed_weights_from(
+                        self.module, buffers, decoder_layers(self.module), self._copy_stream()))
+                else:
+                    weights.copy_weights_from(self.module, buffers, wait=False)
+                self._swapped = True
+                yield
         finally:
             self._swapped = False
             if from_masters:
@@ -273,6 +287,14 @@ class TorchNativeEngine:
                 weights.copy_weights_from(self.module, self._stashes[place], wait=False)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+
+    def _copy_stream(self) -> torch.cuda.Stream | None:
+        """The side stream host-to-device weight copies run on (CUDA only; made once)."""
+        if self.device.type != "cuda":
+            return None
+        if self._host_copy_stream is None:
+            self._host_copy_stream = torch.cuda.Stream(self.device)
+        return self._host_copy_stream
 
     def weights_fingerprint(self) -> str:
         return weights.weights_fingerprint(self.module)

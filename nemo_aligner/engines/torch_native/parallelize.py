@@ -14,7 +14,7 @@ from nemo_aligner.engines.torch_native.tensor_parallel import apply_tp
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype, activation_checkpointing: bool,
-                compile_layers: bool, fsdp: bool) -> None:
+                activation_checkpoint_layers: int | None, compile_layers: bool, fsdp: bool) -> None:
     """Apply, in this order and in place: tensor parallel (inner mesh dim), activation checkpointing,
     torch.compile (per decoder layer), FSDP (outer dim) unless the data-parallel ranks replicate the
     model (replicated.py then owns the gradients' reduction).
@@ -26,7 +26,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtyp
     if mesh["tp"].size() > 1:
         apply_tp(model, mesh["tp"])
     if activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, activation_checkpoint_layers)
     if compile_layers:
         apply_compile(model)
     if fsdp:

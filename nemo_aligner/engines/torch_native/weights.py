@@ -8,9 +8,12 @@ dtype; buffers in the compute dtype (bf16) hold exactly what the bf16 forward wo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from typing import Iterator, Sequence
 
 import torch
+import torch._dynamo
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -62,6 +65,59 @@ def _copy(module: nn.Module, buffers: Weights, *, into_buffers: bool, wait: bool
         destination.copy_(source, non_blocking=True)
     if wait and torch.cuda.is_available():
         torch.cuda.synchronize()  # the host side may read or reuse the buffers right after
+
+
+def forward_order_groups(module: nn.Module, layers: Sequence[nn.Module], names: Sequence[str]) -> list[list[str]]:
+    """`names` (parameter names of `module`) grouped as a forward first needs them: everything outside
+    the decoder layers (embeddings, final norm, head: the first and last ops), then each layer's own."""
+    path_of = {id(m): path for path, m in module.named_modules()}
+    prefixes = [path_of[id(layer)] + "." for layer in layers]
+    groups: list[list[str]] = [[] for _ in range(len(layers) + 1)]
+    for name in names:
+        owner = next((i for i, prefix in enumerate(prefixes) if name.startswith(prefix)), -1)
+        groups[owner + 1].append(name)
+    return groups
+
+
+@contextlib.contextmanager
+def streamed_weights_from(module: nn.Module, buffers: Weights, layers: Sequence[nn.Module],
+                          stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """This rank's local weights <- host `buffers` while the forwards inside the block run: on CUDA the
+    copies go on `stream` one decoder layer at a time, and each layer's forward waits (a pre-hook) only
+    for its own weights, so copying layer i+1 overlaps computing layer i; the weights outside the layers
+    come first and everything after the block waits for all copies. Without a stream (CPU) the copies
+    are done on entry. Names and shapes are validated before any weight changes."""
+    locals_ = _local_params(module)
+    check_same_weights(locals_, buffers, "weight buffers")
+    groups = forward_order_groups(module, layers, list(locals_))
+    if stream is None:
+        with torch.no_grad():
+            for name in locals_:
+                locals_[name].copy_(buffers[name])
+        yield
+        return
+    current = torch.cuda.current_stream()
+    stream.wait_stream(current)  # the weights' earlier readers and writers finish first
+    events = []
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for names in groups:
+            for name in names:
+                locals_[name].copy_(buffers[name], non_blocking=True)
+            events.append(stream.record_event())
+    current.wait_event(events[0])
+    ready = {layer: event for layer, event in zip(layers, events[1:])}
+
+    @torch._dynamo.disable  # runs eagerly before a compiled layer's graph
+    def wait_for_weights(layer: nn.Module, _args: object) -> None:
+        torch.cuda.current_stream().wait_event(ready[layer])
+
+    handles = [layer.register_forward_pre_hook(wait_for_weights) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        current.wait_stream(stream)
 
 
 @torch.no_grad()
