@@ -171,3 +171,25 @@ def test_a_ranks_share_is_ordered_into_token_balanced_micro_batches():
     fresh = make(4)
     fresh.next_batch()
     assert _stream(resumed, 4) == _stream(fresh, 4)
+
+
+def test_spin_training_batches_are_balanced_as_pairs_of_sequences_per_micro_batch(tmp_path) -> None:
+    """SPIN's training loader (uncollated SFT examples, each trained as the SFT response and a generation)
+    hands the sampler each example's tokens as two sequences of the SFT response's length, and the
+    micro-batch size, so packing balances ranks and micro-batches; validation rows are one sequence each."""
+    from helpers import TINY_MODEL_DIR, write_sft
+    from transformers import AutoTokenizer
+
+    from nemo_aligner.config.schema import DataLoadingConfig
+    from nemo_aligner.data.builders import build_sft_loader
+    from nemo_aligner.types import DataParallel
+
+    path = write_sft(str(tmp_path / "sft.jsonl"), 16)
+    common = dict(tokenizer=AutoTokenizer.from_pretrained(TINY_MODEL_DIR), data=DataLoadingConfig(packing=True),
+                  max_seq_length=64, global_batch_size=8, data_parallel=DataParallel(rank=0, size=1), response_budget=0,
+                  shuffle=True)
+    train = build_sft_loader(path, collate=False, micro_batch_size=2, **common)
+    val = build_sft_loader(path, collate=True, micro_batch_size=2, **common)
+    for loader, sequences in ((train, 2), (val, 1)):
+        expected = [sequences * (e["prompt_ids"].numel() + e["response_ids"].numel()) for e in loader.dataset]
+        assert loader.sampler._token_counts == expected and loader.sampler._micro_batch_size == 2

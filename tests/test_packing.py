@@ -105,7 +105,8 @@ def test_every_dpo_loss_gives_the_padded_metrics_when_packed(loss: str, llama_di
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):  # noqa: ANN001, ANN202
-    """What torch.nn.attention.varlen.varlen_attn computes (causal attention within each sequence), on CPU."""
+    """What torch.nn.attention.varlen.varlen_attn computes (causal attention within each sequence), on CPU;
+    as torch >= 2.12's kernel, which shares key/value heads itself under enable_gqa."""
     longest = int((cu_q[1:] - cu_q[:-1]).max())
     assert window_size[1] == 0 and (window_size[0] == -1 or window_size[0] >= longest)  # causal; no window bites here
     assert cu_q is cu_k and max_q >= longest
@@ -118,17 +119,25 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, 
     return out
 
 
+def _reference_varlen_without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):  # noqa: ANN001, ANN202
+    """torch 2.11's kernel: no enable_gqa, so keys and values must come with as many heads as the queries."""
+    assert q.shape[1] == k.shape[1] == v.shape[1]
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size, enable_gqa=False)
+
+
+@pytest.mark.parametrize("kernel", [_reference_varlen, _reference_varlen_without_gqa])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_the_cuda_varlen_attention_path_gives_the_padded_logprobs(family: str, family_dir, monkeypatch) -> None:
+def test_the_cuda_varlen_attention_path_gives_the_padded_logprobs(family: str, kernel, family_dir, monkeypatch) -> None:  # noqa: ANN001
     """The torch_varlen implementation (CUDA's varlen flash attention for packed rows), its kernel replaced
-    by a per-sequence reference: the packed row's sequence bounds, layouts and GQA reach it correctly, and
-    an unpacked batch still takes SDPA."""
+    by a per-sequence reference with either torch version's signature: the packed row's sequence bounds,
+    layouts and GQA reach it correctly, and an unpacked batch still takes SDPA."""
     from transformers import AutoModelForCausalLM
 
     from nemo_aligner.engines.torch_native import varlen_attention
     from nemo_aligner.engines.torch_native.scoring import batch_logprobs
 
-    monkeypatch.setattr(varlen_attention, "_varlen_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(varlen_attention, "_varlen_kernel", lambda: kernel)
+    varlen_attention._kernel_takes_gqa.cache_clear()
     varlen_attention.register_varlen_attention()
     path = family_dir(family)
     models = {impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()
@@ -141,6 +150,7 @@ def test_the_cuda_varlen_attention_path_gives_the_padded_logprobs(family: str, f
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(score(models[varlen_attention.VARLEN], models["sdpa"].config, batch), padded,
                                atol=1e-6, rtol=0)
+    varlen_attention._kernel_takes_gqa.cache_clear()
 
 
 def test_packed_rows_of_new_lengths_compile_nothing_new_after_the_second(llama_dir: str) -> None:

@@ -59,15 +59,19 @@ def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data:
 
 def build_sft_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLoadingConfig, *, max_seq_length: int,
                      global_batch_size: int, data_parallel: DataParallel, response_budget: int, shuffle: bool,
-                     collate: bool) -> StepDataLoader:
+                     collate: bool, micro_batch_size: int | None = None) -> StepDataLoader:
     """SFT examples from `path` (validated whole, up front) in global batches; `response_budget`
     reserves room for generations. With `collate` a batch is right-padded prompt + response rows,
-    otherwise the examples themselves (a list of {prompt_ids, response_ids}, SPIN's training input)."""
+    otherwise the examples themselves (a list of {prompt_ids, response_ids}, SPIN's training input:
+    each becomes a pair of sequences, the SFT response and a generation, which packing balances as
+    two sequences of the SFT response's length; with `micro_batch_size`, per micro-batch too)."""
     dataset = SFTDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
                          response_budget=response_budget)
     rows = functools.partial(sft_collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data.pad_to_multiple_of)
+    fields = ("prompt_ids", "response_ids") if collate else ("prompt_ids", "response_ids", "response_ids")
     return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, data=data,
-                   shuffle=shuffle, collate=rows if collate else list, token_fields=("prompt_ids", "response_ids"))
+                   shuffle=shuffle, collate=rows if collate else list, token_fields=fields,
+                   micro_batch_size=micro_batch_size)
 
 
 def build_prompt_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLoadingConfig, *, max_seq_length: int,

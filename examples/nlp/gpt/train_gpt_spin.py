@@ -36,7 +36,7 @@ def main(raw: DictConfig) -> None:
                                data_parallel=policy.data_parallel)
     # training: the examples themselves (SPIN generates for their prompts); validation: collated SFT rows
     train = loader(data.train_ds.file_path, response_budget=cfg.model.spin.length_params.max_length, shuffle=True,
-                   collate=False)
+                   collate=False, micro_batch_size=cfg.model.micro_batch_size)
     val = loader(data.validation_ds.file_path, response_budget=0, shuffle=False, collate=True)
     task_eval = instantiate_target(cfg.task_eval, key="task_eval") if cfg.task_eval else None
 

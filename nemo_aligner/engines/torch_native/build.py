@@ -40,9 +40,10 @@ def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] |
 def attention_implementation(config: PretrainedConfig, requested: str | None, *, packed_on_cuda: bool) -> str:
     """`model.attn_implementation` if set, else PyTorch's SDPA where the family supports it and eager
     attention otherwise (e.g. Gemma2, whose soft-capped attention SDPA cannot compute); for packed rows
-    on CUDA, PyTorch's variable-length flash attention (varlen_attention.py) where SDPA would serve."""
+    on CUDA in bf16, PyTorch's variable-length flash attention (varlen_attention.py) where SDPA would serve
+    (flash attention has no fp32 kernel: fp32 packed rows take SDPA with a document mask, as on CPU)."""
     if requested == VARLEN and not packed_on_cuda:
-        raise ValueError(f"model.attn_implementation={VARLEN} needs model.data.packing=true on CUDA")
+        raise ValueError(f"model.attn_implementation={VARLEN} needs model.data.packing=true on CUDA in bf16")
     if requested is None:
         sdpa = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa
         requested = (VARLEN if packed_on_cuda else "sdpa") if sdpa else "eager"

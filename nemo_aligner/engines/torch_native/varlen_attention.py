@@ -9,6 +9,8 @@ training rows, generation with its padding mask) takes transformers' SDPA path u
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -27,6 +29,12 @@ def _varlen_kernel():  # noqa: ANN202
     return varlen_attn
 
 
+@functools.cache
+def _kernel_takes_gqa() -> bool:
+    """Whether varlen_attn shares key/value heads itself (enable_gqa, torch >= 2.12); before, the caller repeats them."""
+    return "enable_gqa" in inspect.signature(_varlen_kernel()).parameters
+
+
 def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
@@ -40,8 +48,14 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     sliding_window = kwargs.get("sliding_window")
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)  # causal, optionally within a window
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
+    grouped = q.shape[1] != k.shape[1]
+    gqa = {}
+    if grouped and _kernel_takes_gqa():
+        gqa = {"enable_gqa": True}
+    elif grouped:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     out = _varlen_kernel()(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
-                           window_size=window, enable_gqa=q.shape[1] != k.shape[1])
+                           window_size=window, **gqa)
     return out[None], None
 
 
