@@ -20,6 +20,9 @@ what the network runs on; engines return its log-probs unpacked into the [B, T-1
                   the filler starts, then N (transformers' cu_seq_lens for variable-length attention);
   unpack_index    [B, T-1] int64: each row target's index among the N-1 packed targets, -1 past its end.
 A packed target whose position id is 0 starts a sequence and is never scored.
+Optionally (GPTModel.micro_batches adds it while a batch is still on the host):
+  scored_index    [K] int64: the flat indices of the K scored targets, in the [B*(T-1)] targets (of the packed
+                  row's N-1 when packed), so scoring gathers them without a device-to-host synchronisation.
 """
 
 from __future__ import annotations
@@ -36,6 +39,28 @@ Batch = Mapping[str, torch.Tensor]
 def is_packed(mb: Batch) -> bool:
     """Whether a micro-batch carries a packed layout (see the module docstring)."""
     return "packed_input_ids" in mb
+
+
+def scored_positions(mb: Batch) -> torch.Tensor:
+    """[B, T-1] bool: the targets whose log-probs are computed (loss_mask[:, 1:], else every real token)."""
+    mask = mb["loss_mask"] if "loss_mask" in mb else mb["attention_mask"]
+    return mask[:, 1:] > 0
+
+
+def packed_row(mb: Batch) -> dict[str, torch.Tensor]:
+    """A packed micro-batch's packed row as a batch of its own: ids, position ids, sequence bounds, and a
+    loss mask that never scores a target starting a sequence (its scored_index too, if the batch has one)."""
+    row = {"input_ids": mb["packed_input_ids"], "position_ids": mb["packed_position_ids"],
+           "loss_mask": mb["packed_loss_mask"] * (mb["packed_position_ids"] > 0), "cu_seqlens": mb["packed_cu_seqlens"]}
+    if "scored_index" in mb:
+        row["scored_index"] = mb["scored_index"]
+    return row
+
+
+def with_scored_index(mb: Batch) -> dict[str, torch.Tensor]:
+    """`mb` plus its scored_index (see the module docstring), computed where `mb` is: call it on the host."""
+    targets = scored_positions(packed_row(mb) if is_packed(mb) else mb)
+    return {**mb, "scored_index": targets.reshape(-1).nonzero().squeeze(1)}
 
 
 def unpack_logprobs(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:

@@ -16,19 +16,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
-from nemo_aligner.types import Batch, is_packed, unpack_logprobs
+from nemo_aligner.types import Batch, is_packed, packed_row, scored_positions, unpack_logprobs
 from nemo_aligner.utils.logprobs import linear_logprobs, logprobs_from_logits
 
 # Families whose CausalLM computes logits = lm_head(last hidden state), with nothing after it, and the
 # final norm whose output that last hidden state is.
 PLAIN_HEAD_FAMILIES = {"llama": "model.norm", "qwen2": "model.norm", "qwen3": "model.norm", "mistral": "model.norm",
                        "gemma": "model.norm", "phi3": "model.norm", "gpt2": "transformer.ln_f"}
-
-
-def scored_positions(mb: Batch) -> torch.Tensor:
-    """[B, T-1] bool: the targets whose log-probs are computed (loss_mask[:, 1:], else every real token)."""
-    mask = mb["loss_mask"] if "loss_mask" in mb else mb["attention_mask"]
-    return mask[:, 1:] > 0
 
 
 def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp_group: dist.ProcessGroup,
@@ -38,23 +32,26 @@ def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp
     Right padding never influences real tokens under causal attention, so no padding mask is
     passed: SDPA can take its fused causal kernel. A packed micro-batch (data/packing.py) runs its
     packed row, whose position ids keep attention within each sequence, and is unpacked into its rows.
+    The scored positions are gathered through the batch's scored_index when it has one (types.py): a
+    boolean mask would make the host wait for the forward to learn how many there are, and so stop it
+    from queueing the rest of the step while the device computes.
     """
     if is_packed(mb):
-        packed = {"input_ids": mb["packed_input_ids"], "position_ids": mb["packed_position_ids"],
-                  "loss_mask": mb["packed_loss_mask"] * (mb["packed_position_ids"] > 0),  # no target starts a sequence
-                  "cu_seqlens": mb["packed_cu_seqlens"]}
-        return unpack_logprobs(batch_logprobs(module, config, packed, tp_group=tp_group, tp_rank=tp_rank, tp_size=tp_size,
-                                              chunk_size=chunk_size), mb["unpack_index"])
+        return unpack_logprobs(batch_logprobs(module, config, packed_row(mb), tp_group=tp_group, tp_rank=tp_rank,
+                                              tp_size=tp_size, chunk_size=chunk_size), mb["unpack_index"])
     input_ids, targets = mb["input_ids"], scored_positions(mb)
     inputs = _model_inputs(mb)
     vocab_start = tp_rank * -(-config.vocab_size // tp_size)
     if config.model_type in PLAIN_HEAD_FAMILIES:
-        hidden = _last_hidden_state(module, PLAIN_HEAD_FAMILIES[config.model_type], inputs)[:, :-1][targets]
+        index = mb["scored_index"] if "scored_index" in mb else targets.reshape(-1).nonzero().squeeze(1)
+        hidden = _last_hidden_state(module, PLAIN_HEAD_FAMILIES[config.model_type], inputs)[:, :-1]
         weight = module.get_output_embeddings().weight  # after the root's forward: the gathered weight
         weight = weight.to_local() if isinstance(weight, DTensor) else weight
-        scored = linear_logprobs(hidden, weight, input_ids[:, 1:][targets], tp_group=tp_group,
+        scored = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), weight,
+                                 input_ids[:, 1:].reshape(-1).index_select(0, index), tp_group=tp_group,
                                  vocab_start_index=vocab_start, chunk_size=chunk_size)
-        return torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(targets, scored)
+        return torch.zeros(targets.numel(), dtype=torch.float32, device=input_ids.device).index_copy(
+            0, index, scored).view(targets.shape)
     logits = module(**inputs, use_cache=False).logits
     if isinstance(logits, DTensor):
         logits = logits.to_local()

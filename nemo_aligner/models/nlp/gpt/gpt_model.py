@@ -22,7 +22,7 @@ from nemo_aligner.data.collate import prompt_collate
 from nemo_aligner.data.packing import pack_micro_batch
 from nemo_aligner.engines.base import Engine
 from nemo_aligner.engines.registry import build_engine
-from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
+from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams, with_scored_index
 from nemo_aligner.utils.distributed import log_rank0
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,8 @@ class GPTModel:
         if data is not None and data.packing:  # laid out on the host, where the row lengths are known
             micro_batches = [pack_micro_batch({k: v.cpu() for k, v in mb.items()}, pad_token_id=self.tokenizer.pad_token_id,
                                               multiple_of=data.pad_to_multiple_of) for mb in micro_batches]
-        return [{k: v.to(self.device) for k, v in mb.items()} for mb in micro_batches]
+        # every micro-batch's scored positions are located now, before any forward is queued (types.py)
+        return [{k: v.to(self.device) for k, v in with_scored_index(mb).items()} for mb in micro_batches]
 
     # -------------------------------------------------------------- checkpoints
     def save(self, path: str, *, asynchronous: bool = False, weights_format: str = "torch_dist") -> Future | None:
