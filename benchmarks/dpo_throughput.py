@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig
+from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig, PreferenceDataConfig
 from nemo_aligner.config.schema import (OptimConfig, Precision, PretrainedCheckpointConfig, ReferenceConfig,
                                         ReferenceStrategy, TrainerConfig)
 from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=[p.value for p in Precision], default="bf16")
     parser.add_argument("--reference", choices=["resident", "swap"], default="resident")
     parser.add_argument("--tokenizer", default="examples/tiny/model", help="only its pad/eos ids are used")
+    parser.add_argument("--packing", action="store_true", help="model.data.packing=true (default: padded rows, as measured)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -115,7 +116,7 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = DPOModelConfig(micro_batch_size=args.micro_pairs, global_batch_size=args.global_pairs,
                          tensor_model_parallel_size=args.tp, encoder_seq_length=args.seq_len,
-                         optim=OptimConfig(lr=1e-6),
+                         optim=OptimConfig(lr=1e-6), data=PreferenceDataConfig(packing=args.packing),
                          dpo=DPOLossConfig(log_prob_forward_micro_batch_size=args.ref_micro_pairs,
                                            reference=ReferenceConfig(strategy=ReferenceStrategy(args.reference))))
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=shape, tokenizer_path=args.tokenizer),

@@ -172,3 +172,33 @@ def test_packed_rows_of_new_lengths_compile_nothing_new_after_the_second(llama_d
     for width in (16, 20, 28):
         model.get_logprobs(unpadded(width))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_packing_null_resolves_on_where_it_is_faster() -> None:
+    """model.data.packing: null is on with CUDA in bf16 for the families that keep packed sequences
+    apart (variable-length flash attention), off on CPU (a dense document mask), in fp32 (no flash
+    kernel) and for other families; an explicit value stands, true only where it is supported."""
+    from transformers import AutoConfig
+
+    from nemo_aligner.config.schema import Precision
+    from nemo_aligner.engines.torch_native.layout import resolve_packing
+
+    llama, olmo = AutoConfig.for_model("llama"), AutoConfig.for_model("olmo")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_packing(llama, None, cuda, Precision.bf16) and resolve_packing(llama, None, cuda, Precision.bf16_pure)
+    assert not resolve_packing(llama, None, cpu, Precision.bf16)
+    assert not resolve_packing(llama, None, cuda, Precision.fp32)
+    assert not resolve_packing(olmo, None, cuda, Precision.bf16)
+    assert resolve_packing(llama, True, cpu, Precision.fp32) and not resolve_packing(llama, False, cuda, Precision.bf16)
+    with pytest.raises(ValueError, match="model.data.packing=true is not supported for model_type 'olmo'"):
+        resolve_packing(olmo, True, cuda, Precision.bf16)
+
+
+def test_the_cpu_default_resolves_packing_off_for_the_data_loaders(llama_dir: str) -> None:
+    """The engine resolves null where the device is known and writes the result back, so the loaders
+    built after the model (the entry scripts' order) read a plain boolean."""
+    cfg = model_cfg()
+    cfg.data = DataLoadingConfig()  # type: ignore[attr-defined]
+    assert cfg.data.packing is None  # type: ignore[attr-defined]
+    GPTModel(cfg, pretrained(llama_dir), FP32)
+    assert cfg.data.packing is False  # type: ignore[attr-defined]

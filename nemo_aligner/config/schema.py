@@ -111,7 +111,8 @@ class DataLoadingConfig:
     pad_to_multiple_of: int = 8
     # Pack each micro-batch's sequences end to end in one row, with no padding (data/packing.py):
     # attention stays within each sequence and the log-probs and losses are those of the padded rows.
-    packing: bool = False
+    # null: on where it is faster (CUDA in bf16, for the families that keep packed sequences apart), else off.
+    packing: Optional[bool] = None
     # Without packing: global batches of examples of similar length (data/sampler.py), so less padding.
     group_by_length: bool = False
     seed: int = 1234  # shuffling order of the training examples per epoch

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
-from nemo_aligner.config.schema import (ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, ReferenceConfig,
-                                        ReferenceStrategy, SchedConfig, TrainerConfig)
+from nemo_aligner.config.schema import (DataLoadingConfig, ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig,
+                                        ReferenceConfig, ReferenceStrategy, SchedConfig, TrainerConfig)
 from nemo_aligner.config.spin import SFTDataConfig, SFTFileConfig, SPINConfig, SPINModelConfig
 from nemo_aligner.data.builders import build_preference_loader, build_sft_loader
 from nemo_aligner.losses.sft import sft_loss_fn
@@ -47,10 +47,14 @@ def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict
                 global_batch_size=cfg.global_batch_size, data_parallel=policy.data_parallel)
 
 
-def build(model_dir: str, tp: int, precision: Precision, sharding: str = "auto") -> GPTModel:
+def build(model_dir: str, tp: int, precision: Precision, sharding: str = "auto",
+          data: DataLoadingConfig | None = None) -> GPTModel:
+    """The plain policy of the layout checks; with `data`, a model section that has one (e.g. for packing)."""
     cfg = ModelConfig(micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
                       seed=7, log_prob_chunk_size=5, data_parallel_sharding=sharding,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
+    if data is not None:
+        cfg.data = data  # type: ignore[attr-defined]
     trainer = TrainerConfig(devices=int(os.environ["WORLD_SIZE"]), num_nodes=1, precision=precision)
     model = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=model_dir), trainer)
     model.setup_optimizer(max_steps=STEPS)

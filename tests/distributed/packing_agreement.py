@@ -3,8 +3,8 @@ variable-length flash attention in bf16; SDPA with a document mask in fp32).
 
     python tests/distributed/packing_agreement.py [--out OUT.json] [--steps 3]
 
-For llama, qwen2 and mistral configs: DPO steps (reference precomputed through the packed path too) and
-SPIN steps, packed against padded, in fp32 and bf16 (fp32 masters), every logged metric of every step.
+For llama, qwen2 and mistral configs: DPO steps (reference precomputed through the packed path too), and
+for llama SPIN steps and SFT steps (what rejection sampling trains its kept rollouts with), packed against padded, in fp32 and bf16 (fp32 masters), every logged metric of every step.
 fp32 must agree to fp32 round-off (ATOL_FP32); bf16 within RTOL_BF16 of the padded value's magnitude plus
 ATOL_BF16: the two runs add the same numbers in another order and in another kernel. Accuracy (the
 share of pairs whose reward margin is positive) is left out: at step 0 the policy is the reference, every
@@ -21,8 +21,8 @@ import tempfile
 import torch
 
 from helpers import finish_check, make_model_dir, write_pairs, write_sft
-from layout_checks import dpo_steps, spin_steps
-from nemo_aligner.config.schema import Precision, ReferenceStrategy
+from layout_checks import build, dpo_steps, run_steps, spin_steps
+from nemo_aligner.config.schema import DataLoadingConfig, Precision, ReferenceStrategy
 
 ATOL_FP32 = 1e-4
 RTOL_BF16, ATOL_BF16 = 3e-2, 2e-2
@@ -40,6 +40,12 @@ def worst(padded: list[dict[str, float]], packed: list[dict[str, float]], precis
             if gap > excess:
                 excess, where = gap, f"{name} step {step}: padded {a[name]:.6g} packed {b[name]:.6g}"
     return {"excess": excess, "at": where}
+
+
+def sft_steps(model_dir: str, precision: Precision, steps: int, packing: bool) -> list[dict[str, float]]:
+    """loss, grad_norm and lr of `steps` SFT steps on right-padded batches of varied lengths (RS's training step)."""
+    model = build(model_dir, 1, precision, data=DataLoadingConfig(packing=packing))
+    return [dict(zip(("loss", "grad_norm", "lr"), record)) for record in run_steps(model, 0, steps)]
 
 
 def main() -> None:
@@ -60,6 +66,7 @@ def main() -> None:
                                                      reference=ReferenceStrategy.precomputed)}
             if family == "llama":
                 runs["spin"] = lambda packing: spin_steps(model_dir, sft, 1, precision, steps=args.steps, packing=packing)
+                runs["sft"] = lambda packing: sft_steps(model_dir, precision, args.steps, packing)
             for algorithm, steps in runs.items():
                 padded, packed = steps(False), steps(True)
                 results[f"{family}/{algorithm}/{precision.value}"] = worst(padded, packed, precision)

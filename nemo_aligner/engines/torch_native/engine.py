@@ -29,14 +29,14 @@ from nemo_aligner.engines.torch_native.build import (attention_implementation, b
 from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import generate
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
-from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline, check_packing,
-                                                      check_tensor_parallel, resolve_sharding)
+from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline,
+                                                      check_tensor_parallel, resolve_packing, resolve_sharding)
 from nemo_aligner.engines.torch_native.optim import build_optimizer, clip_grads_, global_grad_norm
 from nemo_aligner.engines.torch_native.parallelize import materialize, parallelize
 from nemo_aligner.engines.torch_native.replicated import ReplicatedParameters
 from nemo_aligner.engines.torch_native.scoring import batch_logprobs
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
-from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed
+from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed, log_rank0
 from nemo_aligner.utils.lr_schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -356,7 +356,9 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
     hf_config = load_hf_config(pretrained.restore_from_path, pretrained.model_config)
     check_tensor_parallel(hf_config, model.tensor_model_parallel_size)
     data = getattr(model, "data", None)  # the algorithms' model sections have one
-    check_packing(hf_config, data is not None and data.packing)
+    if data is not None:  # resolved here, where the device is known; the data loaders read the result
+        data.packing = resolve_packing(hf_config, data.packing, device, trainer.precision)
+        log_rank0(logger, "model.data.packing: %s", data.packing)
     dims = ParallelDims.from_world(dist.get_world_size(), model.tensor_model_parallel_size)
     tokenizer_path = pretrained.tokenizer_path or pretrained.restore_from_path
     if tokenizer_path is None:

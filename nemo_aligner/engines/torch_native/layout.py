@@ -9,6 +9,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from transformers import PretrainedConfig
 
+from nemo_aligner.config.schema import Precision
 from nemo_aligner.utils.distributed import log_rank0
 
 logger = logging.getLogger(__name__)
@@ -79,11 +80,17 @@ def resolve_sharding(requested: str, parameters: int, tp: int, device: torch.dev
     return needed <= REPLICATED_SHARE_OF_DEVICE_MEMORY * torch.cuda.get_device_properties(device).total_memory
 
 
-def check_packing(config: PretrainedConfig, packing: bool) -> None:
-    """Refuse model.data.packing for a family whose packed rows are not known to keep sequences apart."""
-    if packing and config.model_type not in PACKING_FAMILIES:
+def resolve_packing(config: PretrainedConfig, requested: bool | None, device: torch.device, precision: Precision) -> bool:
+    """model.data.packing with null resolved: on where it is faster, i.e. on CUDA in bf16 (variable-length
+    flash attention, no padding) for a family whose packed rows keep sequences apart; off on CPU, where
+    a packed row's attention is a dense document mask, quadratic in the row. An explicit true is refused
+    for any other family."""
+    if requested is None:
+        return device.type == "cuda" and precision is not Precision.fp32 and config.model_type in PACKING_FAMILIES
+    if requested and config.model_type not in PACKING_FAMILIES:
         raise ValueError(f"model.data.packing=true is not supported for model_type '{config.model_type}': packed "
                          f"sequences are kept apart for {list(PACKING_FAMILIES)}; set model.data.packing=false")
+    return requested
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:
