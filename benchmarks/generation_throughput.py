@@ -1,11 +1,15 @@
-"""Generation throughput of GPTModel.generate (KV cache) with a randomly initialised model.
+"""Generation throughput of GPTModel.generate (static KV cache; CUDA-graphed decode step on one GPU)
+against transformers' own generate() on the same model and prompts, in one invocation.
 
     torchrun --nproc_per_node 1 benchmarks/generation_throughput.py --shape qwen2.5-0.5b \
         --batch 64 --prompt-len 256 --new-tokens 256
 
 Every row generates exactly --new-tokens tokens (min_length = max_length, so EOS cannot end a
 row early). Prints new tokens/s, time per decode step and the weight-read bandwidth a decode step
-implies (bf16 weights read once per step: the memory-bound floor of batched decoding).
+implies (bf16 weights read once per step: the memory-bound floor of batched decoding). On one process
+it then times transformers' generate() (its default dynamic cache, the same weights, prompts and
+sampling settings) and prints the ratio, and compares greedy outputs over --agreement-tokens tokens:
+the share of rows whose tokens are identical.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +29,7 @@ from dpo_throughput import SHAPES, report, sync  # noqa: E402
 
 from nemo_aligner.config.schema import ModelConfig, Precision, PretrainedCheckpointConfig, TrainerConfig  # noqa: E402
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel  # noqa: E402
-from nemo_aligner.types import LengthParams, SamplingParams  # noqa: E402
+from nemo_aligner.types import Generations, LengthParams, SamplingParams  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +43,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--tokenizer", default="examples/tiny/model", help="only its pad/eos ids are used")
+    parser.add_argument("--agreement-tokens", type=int, default=64, help="greedy tokens compared with transformers")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers' generate()")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -53,18 +60,11 @@ def main() -> None:
     mask = torch.ones_like(prompts)
     sampling = SamplingParams(use_greedy=args.greedy)
     length = LengthParams(max_length=args.new_tokens, min_length=args.new_tokens)
-    policy.generate(prompts, mask, sampling, LengthParams(max_length=8, min_length=8))  # warm-up
+    policy.generate(prompts, mask, sampling, length)  # warm-up: compiles and captures the decode step
     if policy.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        start = time.perf_counter()
-        out = policy.generate(prompts, mask, sampling, length)
-        sync()
-        times.append(time.perf_counter() - start)
+    out, elapsed = timed(lambda: policy.generate(prompts, mask, sampling, length), args.repeats)
     assert int(out.response_lengths.min()) == args.new_tokens
-    elapsed = statistics.median(times)
     new_tokens = args.batch * args.new_tokens * dp
     weight_bytes = policy.engine.num_parameters() * (2 if args.precision == "bf16" else 4)
     result = {
@@ -76,8 +76,47 @@ def main() -> None:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if policy.device.type == "cuda" else float("nan"),
         "device": torch.cuda.get_device_name() if policy.device.type == "cuda" else "cpu",
     }
+    if world == 1 and not args.no_baseline:
+        result.update(transformers_baseline(policy, prompts, mask, args, new_tokens / elapsed))
     report(result, args.out)
     dist.destroy_process_group()
+
+
+def timed(run: Callable[[], Generations], repeats: int) -> tuple[Generations, float]:
+    """The last output and the median seconds of `repeats` synchronised runs."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        out = run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def transformers_baseline(policy: GPTModel, prompts: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace,
+                          ours_tokens_per_s: float) -> dict:
+    """transformers' generate() on a copy of the same weights (the compute dtype), prompts and sampling
+    settings: its new tokens/s, our ratio to it, and the share of rows whose greedy tokens agree."""
+    from transformers import AutoModelForCausalLM
+
+    module = policy.engine.module
+    hf = AutoModelForCausalLM.from_config(module.config, dtype=next(module.parameters()).dtype).to(policy.device).eval()
+    hf.load_state_dict(module.state_dict())
+    tokenizer = policy.tokenizer
+    common = dict(attention_mask=mask, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        hf.generate(prompts, max_new_tokens=8, min_new_tokens=8, do_sample=not args.greedy, **common)  # warm-up
+        _, elapsed = timed(lambda: hf.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                               do_sample=not args.greedy, top_k=0, **common), args.repeats)
+        n = args.agreement_tokens
+        theirs = hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, **common)
+    ours = policy.generate(prompts, mask, SamplingParams(use_greedy=True), LengthParams(max_length=n, min_length=n))
+    tokens_per_s = prompts.shape[0] * args.new_tokens / elapsed
+    return {"transformers_new_tokens_per_s": tokens_per_s, "transformers_ms_per_decode_step": 1000 * elapsed / args.new_tokens,
+            "speedup_vs_transformers": ours_tokens_per_s / tokens_per_s,
+            "greedy_rows_identical_share": float((ours.tokens == theirs).all(dim=1).float().mean()),
+            "greedy_compared_tokens": n}
 
 
 if __name__ == "__main__":

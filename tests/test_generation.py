@@ -124,3 +124,30 @@ def test_checking_for_finished_rows_less_often_changes_no_output(policy: GPTMode
     assert torch.equal(outputs[0].tokens, outputs[1].tokens)
     assert outputs[0].response_lengths.tolist() == [3, 4, 5, 6][: ids.shape[0]]
     assert outputs[1].tokens.shape[1] == ids.shape[1] + ids.shape[0] + 2  # ends with the longest response
+
+
+def test_the_compiled_decode_step_gives_the_eager_tokens_and_is_compiled_once(policy: GPTModel, llama_dir: str) -> None:
+    """The decode step compiled for CUDA graphs (on CPU: compiled, graphs skipped) decodes what the eager
+    step and transformers decode, against a static cache that a later call of the same shape reuses:
+    a second call, and prompts of another length within the same cache size, compile nothing new."""
+    import torch._dynamo
+
+    from nemo_aligner.engines.torch_native.generation import Decoder
+
+    pad = policy.tokenizer.pad_token_id
+    ids, mask = _left_padded(pad)
+    module = policy.engine.module
+    compiled = Decoder(module, cuda_graphs=True)
+    torch._dynamo.utils.counters.clear()
+    run = lambda ids, mask, decoder: generate(  # noqa: E731
+        module, ids, mask, sampling=SamplingParams(use_greedy=True), length=LengthParams(max_length=7),
+        eos_token_id=40, pad_token_id=pad, generator=None, dp_group=None, decoder=decoder)
+    first = run(ids, mask, compiled)
+    assert torch.equal(first.tokens, run(ids, mask, Decoder(module, cuda_graphs=False)).tokens)
+    assert torch.equal(first.tokens, _hf_greedy(llama_dir, ids, mask, eos=40, pad=pad, new=7)[:, : first.tokens.shape[1]])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert torch.equal(run(ids, mask, compiled).tokens, first.tokens)
+    shorter = run(ids[:, 1:], mask[:, 1:], compiled)  # the longest prompt loses its first token: same cache size
+    assert torch.equal(shorter.tokens[1:], run(ids[1:, 1:], mask[1:, 1:], Decoder(module, cuda_graphs=False)).tokens)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -141,7 +141,9 @@ class ModelConfig:
     # Attention kernel (transformers' attn_implementation: sdpa, eager, flash_attention_2, ...);
     # null: sdpa where the model family supports it, eager otherwise (e.g. Gemma2).
     attn_implementation: Optional[str] = None
-    torch_compile: Optional[bool] = None  # torch.compile each decoder layer; null: on with CUDA, off on CPU
+    # torch.compile each decoder layer, and generation's decode step as a CUDA graph (replicated weights,
+    # no tensor parallelism); null: on with CUDA, off on CPU
+    torch_compile: Optional[bool] = None
     activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute decoder layers in the backward)
     activations_checkpoint_num_layers: Optional[int] = None  # with full: the first N decoder layers; null: all
     optim: OptimConfig = field(default_factory=OptimConfig)

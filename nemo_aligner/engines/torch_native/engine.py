@@ -27,7 +27,7 @@ from nemo_aligner.engines.torch_native import checkpoint, weights
 from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, load_hf_config,
                                                      load_tokenizer, random_init_on_rank0)
 from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
-from nemo_aligner.engines.torch_native.generation import generate
+from nemo_aligner.engines.torch_native.generation import Decoder, generate
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
 from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline,
                                                       check_tensor_parallel, resolve_packing, resolve_sharding)
@@ -129,6 +129,7 @@ class TorchNativeEngine:
         self._checkpoint_group: dist.ProcessGroup | None = None  # asynchronous saves' own (made at the first)
         self._swapped = False
         self._host_copy_stream: torch.cuda.Stream | None = None
+        self._decoder: Decoder | None = None  # made at the first generate call; keeps its KV cache for the next
 
     def describe(self) -> str:
         options, name = self.options, lambda dtype: str(dtype).removeprefix("torch.")
@@ -215,12 +216,15 @@ class TorchNativeEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.dp_rank * 7_919 + self.generation_calls)
         self.generation_calls += not sampling.use_greedy  # greedy calls (e.g. evaluations) leave later samples as they were
-        # eager: one-token steps and a growing KV cache would only add compiled graphs
-        with gathered_for_decoding(self.module, layers_reshard_after_forward=self.dp_size > 1), \
-                torch.compiler.set_stance("force_eager"):
+        if self._decoder is None:
+            # CUDA graphs over the decode step where one captured graph holds the whole forward: compiled
+            # layers on CUDA, replicated weights (no FSDP hooks), no tensor-parallel collectives
+            self._decoder = Decoder(self.module, cuda_graphs=(self.options.compile_layers and self.device.type == "cuda"
+                                                              and self.replicated is not None and self.tp_size == 1))
+        with gathered_for_decoding(self.module, layers_reshard_after_forward=self.dp_size > 1):
             return generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                            generator=generator, dp_group=self.dp_group)
+                            generator=generator, dp_group=self.dp_group, decoder=self._decoder)
 
     # ---------------------------------------------------------- optimizer offload
     def offload_optimizer_state(self) -> None:

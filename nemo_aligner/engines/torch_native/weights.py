@@ -110,12 +110,13 @@ def streamed_weights_from(module: nn.Module, buffers: Weights, layers: Sequence[
     @torch._dynamo.disable  # runs eagerly before a compiled layer's graph
     def wait_for_weights(layer: nn.Module, _args: object) -> None:
         torch.cuda.current_stream().wait_event(ready[layer])
+        handles.pop(layer).remove()  # once is enough: later forwards (a captured decode step) see no hook
 
-    handles = [layer.register_forward_pre_hook(wait_for_weights) for layer in layers]
+    handles = {layer: layer.register_forward_pre_hook(wait_for_weights) for layer in layers}
     try:
         yield
     finally:
-        for handle in handles:
+        for handle in handles.values():
             handle.remove()
         current.wait_stream(stream)
 
