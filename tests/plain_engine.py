@@ -97,6 +97,9 @@ class PlainEngine:
 
     # --------------------------------------------------------------- generation
     @torch.no_grad()
+    def generation_rows_that_fit(self, positions: int, memory_fraction: float) -> int | None:
+        return None
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
                  length: LengthParams) -> Generations:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id

@@ -102,6 +102,8 @@ def test_invalid_dpo_config_fails_naming_the_key(override: str, message: str) ->
     ("model.spin.length_params.min_length=9", r"length_params.min_length=9 is invalid"),
     ("trainer.spin.save_interval=0", r"trainer.spin.save_interval=0 is invalid"),
     ("exp_manager.checkpoint_callback_params.monitor=val_acc", r"monitor='val_acc' is invalid.*\['val_loss'\]"),
+    ("model.spin.rollout_micro_batch_size=0", r"model.spin.rollout_micro_batch_size=0 is invalid: it must be null or >= 1"),
+    ("model.spin.rollout_memory_fraction=1.5", r"model.spin.rollout_memory_fraction=1.5 is invalid: it must be in \(0, 1\]"),
 ])
 def test_invalid_spin_config_fails_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -117,6 +119,12 @@ def test_engine_name_and_layout_fail_when_the_model_is_built(llama_dir: str, ove
     that owns them, first thing when the model is built; the entry scripts build it before writing."""
     with pytest.raises(ValueError, match=message):
         GPTModel(model_cfg(**override), pretrained(llama_dir), FP32)
+
+
+def test_rollout_micro_batch_size_null_means_as_many_as_fit() -> None:
+    for schema, name, section in ((SPINJobConfig, "gpt_spin", "spin"), (RSJobConfig, "gpt_rs_actor", "rs")):
+        cfg = load_config(schema, _compose(name, [f"model.{section}.rollout_micro_batch_size=null"]))
+        assert getattr(cfg.model, section).rollout_micro_batch_size is None
 
 
 def test_unknown_key_in_a_nested_dataclass() -> None:

@@ -151,3 +151,73 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_and_is_compiled_once(po
     shorter = run(ids[:, 1:], mask[:, 1:], compiled)  # the longest prompt loses its first token: same cache size
     assert torch.equal(shorter.tokens[1:], run(ids[1:, 1:], mask[1:, 1:], Decoder(module, cuda_graphs=False)).tokens)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_generation_bytes_per_row_count_the_static_cache_and_the_sampling_buffers() -> None:
+    """Per row: layers x (keys, values) x this rank's key/value heads x head size x the cache length
+    (rounded up as the Decoder sizes it) x bytes, plus 4 fp32 vocabulary-sized sampling buffers."""
+    from transformers import AutoConfig
+
+    from nemo_aligner.engines.torch_native.generation import generation_bytes_per_row
+
+    config = AutoConfig.for_model("qwen2", num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                  hidden_size=896, vocab_size=151936)
+    assert generation_bytes_per_row(config, 300, compute_bytes=2, tp=1) == 24 * 2 * 2 * 64 * 384 * 2 + 4 * 151936 * 4
+    assert generation_bytes_per_row(config, 384, compute_bytes=2, tp=2) == 24 * 2 * 1 * 64 * 384 * 2 + 4 * 151936 * 4
+
+
+def test_rollouts_come_in_chunks_of_the_rows_that_fit(policy: GPTModel, monkeypatch) -> None:
+    """micro_batch_size None: chunks of as many prompts as the engine says fit (all of them where memory
+    is no limit), with the same responses as explicit chunks of that size (greedy); the fraction and
+    the longest prompt plus the new tokens reach the engine."""
+    prompts = [torch.tensor(p) for p in PROMPTS] * 2
+    calls, asked = [], []
+    real_generate = policy.engine.generate
+    monkeypatch.setattr(policy.engine, "generate", lambda ids, *a: calls.append(ids.shape[0]) or real_generate(ids, *a))
+    greedy, length = SamplingParams(use_greedy=True), LengthParams(max_length=4)
+    respond = lambda size: policy.generate_responses(prompts, greedy, length, micro_batch_size=size,  # noqa: E731
+                                                     memory_fraction=0.3, offload_optimizer=False)
+    everything = respond(None)
+    assert calls == [8]  # CPU: memory is no limit
+    monkeypatch.setattr(policy.engine, "generation_rows_that_fit", lambda positions, fraction: asked.append(
+        (positions, fraction)) or 3)
+    calls.clear()
+    chunked = respond(None)
+    assert calls == [3, 3, 2] and asked == [(6 + 4, 0.3)]
+    calls.clear()
+    assert all(torch.equal(a, b) for a, b in zip(chunked, respond(3))) and calls == [3, 3, 2]
+    assert all(torch.equal(a, b) for a, b in zip(chunked, everything))
+
+
+def test_compacting_finished_rows_away_changes_no_output(policy: GPTModel, monkeypatch) -> None:
+    """When at most half of the rows still run, they move to a cache half as large (or smaller): the
+    tokens and lengths are those of decoding every row to the end, and the later steps do run smaller
+    batches. Rows finish by their own content: greedy, with the tokens some rows emit at their second
+    step turned into EOS, so most rows (not all) end early, at different steps."""
+    import nemo_aligner.engines.torch_native.generation as generation
+
+    pad, eos = policy.tokenizer.pad_token_id, 47
+    prompts = PROMPTS + [[1, 2 + i, 9, 3 * i + 5] for i in range(8)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    run = lambda: generate(policy.engine.module, ids, mask, sampling=SamplingParams(use_greedy=True),  # noqa: E731
+                           length=LengthParams(max_length=12), eos_token_id=eos, pad_token_id=pad, generator=None,
+                           dp_group=None)
+    monkeypatch.setattr(generation, "FINISHED_CHECK_INTERVAL", 1)
+    stoppers = {int(t) for t in run().tokens[:9, width + 1]} - {eos}
+    greedy_stopping = lambda logits, *_: torch.where(  # noqa: E731
+        torch.isin(logits.argmax(-1), torch.tensor(sorted(stoppers))), eos, logits.argmax(-1))
+    monkeypatch.setattr(generation, "sample_next_token", greedy_stopping)
+    monkeypatch.setattr(generation, "MIN_COMPACTED_ROWS", 10**6)
+    plain = run()
+    assert len(prompts) // 2 < (plain.response_lengths <= 4).sum() and (plain.response_lengths == 12).any()
+    monkeypatch.setattr(generation, "MIN_COMPACTED_ROWS", 2)
+    sizes = []
+    real_step = generation.Decoder.step
+    monkeypatch.setattr(generation.Decoder, "step", lambda self, cache, tokens, *a: sizes.append(tokens.shape[0])
+                        or real_step(self, cache, tokens, *a))
+    compacted = run()
+    assert torch.equal(compacted.tokens, plain.tokens)
+    assert torch.equal(compacted.response_lengths, plain.response_lengths)
+    assert sizes and max(sizes) < len(prompts) // 2  # compacted after the first token, from 12 rows to 3

@@ -32,14 +32,20 @@ class RSConfig:
     num_val_samples: int = 32  # prompts per validation batch
     num_rollouts_per_prompt: int = 4
     top_n_rollouts: int = 1  # best responses kept per prompt for the SFT update
-    rollout_micro_batch_size: int = 32  # sequences per generate call on one data-parallel rank
+    # sequences per generate call on one data-parallel rank; null: the most that fit in rollout_memory_fraction
+    rollout_micro_batch_size: Optional[int] = 32
+    rollout_memory_fraction: float = 0.5  # of the free device memory, for rollout_micro_batch_size null
     offload_adam_states: bool = True
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     length_params: LengthParams = field(default_factory=LengthParams)
 
     def __post_init__(self) -> None:
-        for key in ("num_rollout_samples", "num_val_samples", "num_rollouts_per_prompt", "rollout_micro_batch_size"):
+        for key in ("num_rollout_samples", "num_val_samples", "num_rollouts_per_prompt"):
             require(getattr(self, key) >= 1, f"model.rs.{key}", getattr(self, key), ">= 1")
+        require(self.rollout_micro_batch_size is None or self.rollout_micro_batch_size >= 1,
+                "model.rs.rollout_micro_batch_size", self.rollout_micro_batch_size, "null or >= 1")
+        require(0 < self.rollout_memory_fraction <= 1, "model.rs.rollout_memory_fraction", self.rollout_memory_fraction,
+                "in (0, 1]")
         require(1 <= self.top_n_rollouts <= self.num_rollouts_per_prompt, "model.rs.top_n_rollouts", self.top_n_rollouts,
                  f"in [1, num_rollouts_per_prompt={self.num_rollouts_per_prompt}]")
 

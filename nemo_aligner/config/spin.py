@@ -29,7 +29,9 @@ class SPINConfig:
     """model.spin: the SPIN loss and how the rejected (self-generated) responses are made."""
 
     ref_policy_kl_penalty: Any = 0.1  # beta: a float, or a list with one value per iteration
-    rollout_micro_batch_size: int = 16  # prompts per generate call on one data-parallel rank
+    # prompts per generate call on one data-parallel rank; null: the most that fit in rollout_memory_fraction
+    rollout_micro_batch_size: Optional[int] = 16
+    rollout_memory_fraction: float = 0.5  # of the free device memory, for rollout_micro_batch_size null
     offload_adam_states: bool = True  # move optimizer state to CPU while generating
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     length_params: LengthParams = field(default_factory=LengthParams)
@@ -41,7 +43,10 @@ class SPINConfig:
         betas = self.ref_policy_kl_penalty if isinstance(self.ref_policy_kl_penalty, (list, tuple)) else [self.ref_policy_kl_penalty]
         ok = len(betas) >= 1 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in betas)
         require(ok, "model.spin.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "a number > 0 or a list of them")
-        require(self.rollout_micro_batch_size >= 1, "model.spin.rollout_micro_batch_size", self.rollout_micro_batch_size, ">= 1")
+        require(self.rollout_micro_batch_size is None or self.rollout_micro_batch_size >= 1,
+                "model.spin.rollout_micro_batch_size", self.rollout_micro_batch_size, "null or >= 1")
+        require(0 < self.rollout_memory_fraction <= 1, "model.spin.rollout_memory_fraction", self.rollout_memory_fraction,
+                "in (0, 1]")
 
 
 @dataclass

@@ -96,6 +96,11 @@ class Engine(Protocol):
         """Continue left-padded prompts [B, P]; every data-parallel rank must call it as often."""
         ...
 
+    def generation_rows_that_fit(self, positions: int, memory_fraction: float) -> int | None:
+        """How many rows generating over `positions` positions (prompt + new tokens) fit in `memory_fraction`
+        of the device memory free now, on this rank; None where device memory is not the limit (CPU)."""
+        ...
+
     def offload_optimizer_state(self) -> None:
         """Move optimizer state to host memory, freeing device memory (no-op if already there)."""
         ...

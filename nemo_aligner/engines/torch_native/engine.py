@@ -27,7 +27,7 @@ from nemo_aligner.engines.torch_native import checkpoint, weights
 from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, load_hf_config,
                                                      load_tokenizer, random_init_on_rank0)
 from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
-from nemo_aligner.engines.torch_native.generation import Decoder, generate
+from nemo_aligner.engines.torch_native.generation import Decoder, generate, generation_bytes_per_row
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
 from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline,
                                                       check_tensor_parallel, resolve_packing, resolve_sharding)
@@ -225,6 +225,14 @@ class TorchNativeEngine:
             return generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             generator=generator, dp_group=self.dp_group, decoder=self._decoder)
+
+    def generation_rows_that_fit(self, positions: int, memory_fraction: float) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_row = generation_bytes_per_row(self.hf_config, positions, compute_bytes=self.compute_dtype.itemsize,
+                                           tp=self.tp_size)
+        return max(1, int(free * memory_fraction) // per_row)
 
     # ---------------------------------------------------------- optimizer offload
     def offload_optimizer_state(self) -> None:

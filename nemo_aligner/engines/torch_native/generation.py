@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import StaticCache
+from transformers import PretrainedConfig, StaticCache
 
 from nemo_aligner.types import Generations, LengthParams, SamplingParams
 
@@ -28,31 +28,68 @@ FINISHED_CHECK_INTERVAL = 8
 # Static caches are sized in multiples of this many positions, so generations whose prompt + response
 # lengths round to the same size share one cache and one compiled (CUDA-graphed) decode step.
 CACHE_LENGTH_MULTIPLE = 128
+# A generation whose running rows fall to half of its batch or fewer (seen at a finished check) moves them
+# to a cache half as large or smaller, so finished rows stop costing decode work; batches are never cut
+# below this many rows, and sizes halve, so few decode graphs are captured.
+MIN_COMPACTED_ROWS = 4
+# fp32 [B, vocab] tensors a sampling step holds at once per row (logits, probabilities, sorted values and order)
+SAMPLING_BUFFERS_PER_ROW = 4
+
+
+def cache_length(positions: int) -> int:
+    """The static cache length a generation over `positions` positions gets (a multiple of CACHE_LENGTH_MULTIPLE)."""
+    return -(-positions // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+
+
+def generation_bytes_per_row(config: PretrainedConfig, positions: int, *, compute_bytes: int, tp: int) -> int:
+    """Device bytes one generated row takes on a tensor-parallel rank: its static KV cache (every layer's
+    keys and values over the cache length, this rank's share of the key/value heads) and its fp32
+    sampling buffers over the vocabulary."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = -(-(getattr(text, "num_key_value_heads", None) or heads) // tp)
+    kv_cache = text.num_hidden_layers * 2 * kv_heads * head_dim * cache_length(positions) * compute_bytes
+    return kv_cache + SAMPLING_BUFFERS_PER_ROW * text.vocab_size * 4
 
 
 class Decoder:
-    """A module's forwards for generation: the prefill and the one-token decode step, against a static KV
-    cache it keeps for the next call of the same shape. With `cuda_graphs`, the decode step is compiled
+    """A module's forwards for generation: the prefill and the one-token decode step, against static KV
+    caches it keeps for the next call of the same shapes. With `cuda_graphs`, the decode step is compiled
     with torch.compile(mode="reduce-overhead") (CUDA graphs; one capture per batch size and cache size)."""
 
     def __init__(self, module: nn.Module, *, cuda_graphs: bool) -> None:
         self.module = module
         self.cuda_graphs = cuda_graphs
         self._cache_argument = cache_argument(module)
-        self._cache: StaticCache | None = None
-        self._shape: tuple[int, int] | None = None
+        self._caches: dict[tuple[int, int], StaticCache] = {}  # by (rows, cache length), of one cache length
         self._step = (torch.compile(_forward_last_logits, mode="reduce-overhead", dynamic=False) if cuda_graphs
                       else _forward_last_logits)
 
-    def cache(self, rows: int, positions: int) -> tuple[StaticCache, int]:
-        """A static cache for `rows` x at least `positions` positions, and its length: the previous one,
-        emptied, if it has the same shape (its tensors keep their addresses, which a captured graph reads)."""
-        shape = (rows, -(-positions // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE)
-        if self._cache is not None and self._shape == shape:
-            self._cache.reset()
+    def cache(self, rows: int, length: int) -> StaticCache:
+        """An empty static cache of `rows` x `length` (a cache_length): the one of that shape from before,
+        reset in place (its tensors keep their addresses, which a captured graph reads). Caches of other
+        lengths are dropped, so memory holds one length's caches (a batch and its compacted halves)."""
+        self._caches = {shape: cache for shape, cache in self._caches.items() if shape[1] == length}
+        if (rows, length) in self._caches:
+            self._caches[rows, length].reset()
         else:
-            self._cache, self._shape = StaticCache(config=self.module.config, max_cache_len=shape[1]), shape
-        return self._cache, shape[1]
+            self._caches[rows, length] = StaticCache(config=self.module.config, max_cache_len=length)
+        return self._caches[rows, length]
+
+    def compacted(self, cache: StaticCache, keep: torch.Tensor, length: int) -> StaticCache:
+        """A cache of len(keep) rows holding rows `keep` of `cache` (every layer's keys, values and length)."""
+        smaller = self.cache(keep.numel(), length)
+        for old, new in zip(cache.layers, smaller.layers):
+            keys, values = old.keys.index_select(0, keep), old.values.index_select(0, keep)
+            if not new.is_initialized:
+                new.lazy_initialization(keys, values)
+            new.keys.copy_(keys)
+            new.values.copy_(values)
+            new.cumulative_length.copy_(old.cumulative_length)
+            if hasattr(old, "cumulative_length_int"):  # sliding-window layers also count on the host
+                new.cumulative_length_int = old.cumulative_length_int
+        return smaller
 
     def prefill(self, cache: StaticCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
@@ -127,34 +164,59 @@ def generate(
     """
     decoder = decoder or Decoder(module, cuda_graphs=False)
     batch, prompt = input_ids.shape
-    cache, cache_length = decoder.cache(batch, prompt + length.max_length)
+    device = input_ids.device
+    length_of_cache = cache_length(prompt + length.max_length)
+    cache = decoder.cache(batch, length_of_cache)
     # the mask spans the whole cache: prompt padding 0, every later position 1 (causality hides the future)
-    full_mask = torch.ones(batch, cache_length, dtype=attention_mask.dtype, device=attention_mask.device)
-    full_mask[:, :prompt] = attention_mask
+    mask = torch.ones(batch, length_of_cache, dtype=attention_mask.dtype, device=device)
+    mask[:, :prompt] = attention_mask
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    response_lengths = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-    new_tokens: list[torch.Tensor] = []
-    logits = decoder.prefill(cache, input_ids, full_mask, position_ids)
+    # by original row, plus a scratch row (index `batch`, always finished) for a compacted batch's filler rows
+    finished = torch.zeros(batch + 1, dtype=torch.bool, device=device)
+    finished[batch] = True
+    response_lengths = torch.zeros(batch + 1, dtype=torch.long, device=device)
+    responses = torch.full((batch + 1, length.max_length), pad_token_id, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)  # the original row of each row in the decoded batch
+    logits = decoder.prefill(cache, input_ids, mask, position_ids)
     position_ids = position_ids[:, -1:]
     for step in range(length.max_length):
         if step < length.min_length:
             logits[:, eos_token_id] = float("-inf")
-        token = sample_next_token(logits, sampling, generator)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        response_lengths += (~finished).long()
-        finished |= token == eos_token_id
-        new_tokens.append(token)
-        if step == length.max_length - 1 or ((step + 1) % FINISHED_CHECK_INTERVAL == 0
-                                              and _all_finished(finished, dp_group)):
+        done = finished[rows]
+        token = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long),
+                            sample_next_token(logits, sampling, generator))
+        response_lengths[rows] += (~done).long()
+        finished[rows] = done | (token == eos_token_id)
+        responses[rows, step] = token
+        if step == length.max_length - 1:
             break
+        if (step + 1) % FINISHED_CHECK_INTERVAL == 0:
+            running, running_anywhere = _unfinished(finished[:batch], dp_group)
+            if running_anywhere == 0:
+                break
+            if running <= rows.numel() // 2 and rows.numel() > MIN_COMPACTED_ROWS:
+                keep = _compaction(finished[rows], rows.numel())
+                cache = decoder.compacted(cache, keep, length_of_cache)
+                rows = torch.where(finished[rows][keep], batch, rows[keep])
+                token, mask, position_ids = token[keep], mask[keep], position_ids[keep]
         position_ids = position_ids + 1
-        logits = decoder.step(cache, token[:, None], full_mask, position_ids)
-    responses = torch.stack(new_tokens, dim=1) if new_tokens else input_ids[:, :0]
+        logits = decoder.step(cache, token[:, None], mask, position_ids)
+    response_lengths = response_lengths[:batch]
     longest = int(_longest(response_lengths, dp_group))
-    responses = responses[:, :longest]  # the steps after every rank's last EOS produced only padding
-    return Generations(tokens=torch.cat([input_ids, responses], dim=1), prompt_lengths=attention_mask.sum(dim=-1),
-                       response_lengths=response_lengths)
+    # the steps after every rank's last EOS produced only padding
+    return Generations(tokens=torch.cat([input_ids, responses[:batch, :longest]], dim=1),
+                       prompt_lengths=attention_mask.sum(dim=-1), response_lengths=response_lengths)
+
+
+def _compaction(done: torch.Tensor, rows: int) -> torch.Tensor:
+    """Which rows of the decoded batch continue: the running ones, in order, then finished ones as filler up
+    to the smallest halving of `rows` (not below MIN_COMPACTED_ROWS) that holds them all."""
+    running = (~done).nonzero().squeeze(1)
+    size = rows
+    while size // 2 >= max(running.numel(), MIN_COMPACTED_ROWS):
+        size //= 2
+    filler = done.nonzero().squeeze(1)[: size - running.numel()]
+    return torch.cat([running, filler])
 
 
 def cache_argument(module: nn.Module) -> str:
@@ -179,8 +241,10 @@ def _longest(response_lengths: torch.Tensor, dp_group: dist.ProcessGroup | None)
     return longest
 
 
-def _all_finished(finished: torch.Tensor, dp_group: dist.ProcessGroup | None) -> bool:
-    unfinished = (~finished).sum().reshape(1)
+def _unfinished(finished: torch.Tensor, dp_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """Rows still running on this rank, and on every data-parallel rank together (one host sync)."""
+    counts = torch.stack([(~finished).sum(), (~finished).sum()])
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(unfinished, group=dp_group)
-    return int(unfinished.item()) == 0
+        dist.all_reduce(counts[1:], group=dp_group)
+    local, everywhere = counts.tolist()
+    return int(local), int(everywhere)

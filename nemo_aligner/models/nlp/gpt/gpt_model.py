@@ -107,14 +107,19 @@ class GPTModel:
 
     @torch.no_grad()
     def generate_responses(self, prompts: list[torch.Tensor], sampling: SamplingParams, length: LengthParams, *,
-                           micro_batch_size: int, offload_optimizer: bool) -> list[torch.Tensor]:
+                           micro_batch_size: int | None, memory_fraction: float,
+                           offload_optimizer: bool) -> list[torch.Tensor]:
         """Each prompt's response (new tokens, EOS included when produced), generated in chunks of
-        `micro_batch_size` left-padded prompts; with `offload_optimizer` the optimizer state waits
-        on the host meanwhile and is restored exactly. Every data-parallel rank must pass as many prompts."""
+        `micro_batch_size` left-padded prompts (None: the most whose generation fits in `memory_fraction`
+        of the free device memory on every rank, all of them where memory is no limit); with
+        `offload_optimizer` the optimizer state waits on the host meanwhile and is restored exactly.
+        Every data-parallel rank must pass as many prompts."""
         if offload_optimizer:
             self.engine.offload_optimizer_state()
         responses: list[torch.Tensor] = []
         try:
+            if micro_batch_size is None:
+                micro_batch_size = self.rows_that_fit(prompts, length, memory_fraction)
             for start in range(0, len(prompts), micro_batch_size):
                 chunk = prompt_collate(prompts[start : start + micro_batch_size], pad_token_id=self.tokenizer.pad_token_id)
                 out = self.generate(chunk["input_ids"].to(self.device), chunk["attention_mask"].to(self.device),
@@ -125,6 +130,17 @@ class GPTModel:
             if offload_optimizer:
                 self.engine.onload_optimizer_state()
         return responses
+
+    def rows_that_fit(self, prompts: list[torch.Tensor], length: LengthParams, memory_fraction: float) -> int:
+        """The most prompts per generate call whose generation fits in `memory_fraction` of the free device
+        memory, the same on every data-parallel rank (their smallest; ranks must make as many calls)."""
+        positions = max((len(p) for p in prompts), default=0) + length.max_length
+        rows = self.engine.generation_rows_that_fit(positions, memory_fraction)
+        if rows is None:
+            rows = max(len(prompts), 1)
+        rows = int(-self.global_max(torch.tensor(-rows)).item())
+        log_rank0(logger, "generating in chunks of up to %d prompts (%d positions each)", rows, positions)
+        return max(1, min(rows, len(prompts)))
 
     # ------------------------------------------------------------------ helpers
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ class GPTRSActor(GPTModel):
         expanded = [p for p in prompts for _ in range(rollouts_per_prompt)]
         return self.generate_responses(expanded, self.rs.sampling_params, self.rs.length_params,
                                        micro_batch_size=self.rs.rollout_micro_batch_size,
+                                       memory_fraction=self.rs.rollout_memory_fraction,
                                        offload_optimizer=self.rs.offload_adam_states)
 
     def sequence_batch(self, sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ class GPTSPINModel(GPTModel):
         with self.reference.active():
             return self.generate_responses(prompts, self.spin.sampling_params, self.spin.length_params,
                                            micro_batch_size=self.spin.rollout_micro_batch_size,
+                                           memory_fraction=self.spin.rollout_memory_fraction,
                                            offload_optimizer=self.spin.offload_adam_states)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:

@@ -22,7 +22,8 @@ class MegatronGPTRSModel(AdamOffloadMethods, GPTRSActor):
         lengths = inference_batch["length"].cpu()
         prompts = [row[:n] for row, n in zip(inference_batch["text"].cpu(), lengths.tolist())]
         responses = self.generate_responses(prompts, self.rs.sampling_params, self.rs.length_params,
-                                            micro_batch_size=self.rs.rollout_micro_batch_size, offload_optimizer=False)
+                                            micro_batch_size=self.rs.rollout_micro_batch_size,
+                                            memory_fraction=self.rs.rollout_memory_fraction, offload_optimizer=False)
         sequences = [torch.cat([prompt, response]) for prompt, response in zip(prompts, responses)]
         tokens = torch.full((len(sequences), max(map(len, sequences))), self.tokenizer.pad_token_id, dtype=torch.long)
         for row, sequence in enumerate(sequences):
