@@ -78,16 +78,20 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(policy: GPTModel) -> Non
     assert torch.equal(first, policy.generate(ids, mask, hot, LengthParams(max_length=6)).tokens)
 
 
-def test_sample_next_token_filters() -> None:
-    logits = torch.tensor([[4.0, 3.9, 0.0, -1.0, 3.8]]).repeat(2000, 1)
+def test_sample_next_token_filters_and_draws_from_the_softmax() -> None:
+    logits = torch.tensor([[4.0, 3.9, 0.0, -1.0, 3.8]]).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)
-    top2 = sample_next_token(logits, SamplingParams(top_k=2), gen)
+    noise = lambda: torch.rand(logits.shape, generator=gen)  # noqa: E731
+    top2 = sample_next_token(logits, SamplingParams(top_k=2), noise())
     assert set(top2.tolist()) == {0, 1}
-    nucleus = sample_next_token(logits, SamplingParams(top_p=0.3), gen)
+    nucleus = sample_next_token(logits, SamplingParams(top_p=0.3), noise())
     assert set(nucleus.tolist()) == {0}  # token 0 alone holds > 0.3 of the mass
-    wide = sample_next_token(logits, SamplingParams(top_p=0.9), gen)
+    wide = sample_next_token(logits, SamplingParams(top_p=0.9), noise())
     assert set(wide.tolist()) == {0, 1, 4}
     assert (sample_next_token(logits, SamplingParams(use_greedy=True), None) == 0).all()
+    hot = SamplingParams(temperature=2.0)
+    drawn = torch.bincount(sample_next_token(logits, hot, noise()), minlength=5).float() / len(logits)
+    torch.testing.assert_close(drawn, torch.softmax(logits[0] / 2.0, dim=-1), atol=0.025, rtol=0)
 
 
 def test_generation_passes_the_kv_cache_the_way_this_transformers_version_expects(policy: GPTModel) -> None:
@@ -108,7 +112,7 @@ def test_checking_for_finished_rows_less_often_changes_no_output(policy: GPTMode
     ids, mask = _left_padded(policy.tokenizer.pad_token_id)
     eos, pad, steps = 40, policy.tokenizer.pad_token_id, iter(range(1000))
 
-    def scripted(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    def scripted(logits: torch.Tensor, sampling: SamplingParams, uniform: torch.Tensor | None) -> torch.Tensor:
         step = next(steps)
         return torch.tensor([eos if step == row + 2 else 5 for row in range(logits.shape[0])])
 
@@ -221,3 +225,32 @@ def test_compacting_finished_rows_away_changes_no_output(policy: GPTModel, monke
     assert torch.equal(compacted.tokens, plain.tokens)
     assert torch.equal(compacted.response_lengths, plain.response_lengths)
     assert sizes and max(sizes) < len(prompts) // 2  # compacted after the first token, from 12 rows to 3
+
+
+def test_compaction_changes_no_sampled_token_either(policy: GPTModel, monkeypatch) -> None:
+    """Sampling draws each row's noise by its original row, so rows that remain after compaction sample
+    what they would have sampled in the full batch. Half of the vocabulary is read as EOS, so rows end
+    at random early steps and the batch is compacted."""
+    import nemo_aligner.engines.torch_native.generation as generation
+
+    pad, eos = policy.tokenizer.pad_token_id, 47
+    prompts = PROMPTS + [[1, 2 + i, 9, 3 * i + 5] for i in range(8)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    real_sampler = generation.sample_next_token
+    monkeypatch.setattr(generation, "sample_next_token", lambda logits, sampling, uniform: (
+        lambda token: torch.where(token % 2 == 1, eos, token))(real_sampler(logits, sampling, uniform)))
+    monkeypatch.setattr(generation, "FINISHED_CHECK_INTERVAL", 1)
+    outputs, sizes = [], []
+    real_step = generation.Decoder.step
+    monkeypatch.setattr(generation.Decoder, "step", lambda self, cache, tokens, *a: sizes.append(tokens.shape[0])
+                        or real_step(self, cache, tokens, *a))
+    for smallest in (10**6, 2):
+        monkeypatch.setattr(generation, "MIN_COMPACTED_ROWS", smallest)
+        outputs.append(generate(policy.engine.module, ids, mask, sampling=SamplingParams(temperature=3.0),
+                                length=LengthParams(max_length=12), eos_token_id=eos, pad_token_id=pad,
+                                generator=torch.Generator().manual_seed(5), dp_group=None))
+    assert torch.equal(outputs[0].tokens, outputs[1].tokens)
+    assert torch.equal(outputs[0].response_lengths, outputs[1].response_lengths)
+    assert min(sizes) < len(prompts) // 2 and outputs[0].response_lengths.max() > 2  # compacted, not all at once

@@ -25,8 +25,8 @@ from nemo_aligner.types import Generations, LengthParams, SamplingParams
 # (and all-reduces it over data-parallel ranks), which stalls the host's launching of the next steps.
 # Steps past the last row's EOS only add padding, which is cut off, so the output does not depend on it.
 FINISHED_CHECK_INTERVAL = 8
-# Static caches are sized in multiples of this many positions, so generations whose prompt + response
-# lengths round to the same size share one cache and one compiled (CUDA-graphed) decode step.
+# With CUDA graphs, static caches are sized in multiples of this many positions, so generations whose
+# prompt + response lengths round to the same size share one cache and one captured decode step.
 CACHE_LENGTH_MULTIPLE = 128
 # A generation whose running rows fall to half of its batch or fewer (seen at a finished check) moves them
 # to a cache half as large or smaller, so finished rows stop costing decode work; batches are never cut
@@ -65,6 +65,11 @@ class Decoder:
         self._caches: dict[tuple[int, int], StaticCache] = {}  # by (rows, cache length), of one cache length
         self._step = (torch.compile(_forward_last_logits, mode="reduce-overhead", dynamic=False) if cuda_graphs
                       else _forward_last_logits)
+
+    def cache_length(self, positions: int) -> int:
+        """The cache length for `positions`: rounded up (cache_length) where a captured graph is reused by
+        every generation of the same rounded length, exact where decoding is eager."""
+        return cache_length(positions) if self.cuda_graphs else positions
 
     def cache(self, rows: int, length: int) -> StaticCache:
         """An empty static cache of `rows` x `length` (a cache_length): the one of that shape from before,
@@ -122,8 +127,11 @@ def _eager() -> Iterator[None]:
         yield
 
 
-def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from `logits` [B, V] fp32: greedy, or temperature / top-k / top-p sampling."""
+def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, uniform: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from `logits` [B, V] fp32: greedy, or temperature / top-k / top-p sampling by the
+    Gumbel-max rule with `uniform` [B, V] noise in (0, 1): argmax(logits / temperature - log(-log u)) over the
+    kept tokens is a draw from their softmax. Each row's draw depends only on its own noise, so a row
+    samples the same token whichever other rows share its batch (generate compacts finished rows away)."""
     if sampling.use_greedy:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
@@ -137,8 +145,8 @@ def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, generator:
         drop = (probs.cumsum(dim=-1) - probs) > sampling.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+    return (logits + gumbel).argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -165,7 +173,7 @@ def generate(
     decoder = decoder or Decoder(module, cuda_graphs=False)
     batch, prompt = input_ids.shape
     device = input_ids.device
-    length_of_cache = cache_length(prompt + length.max_length)
+    length_of_cache = decoder.cache_length(prompt + length.max_length)
     cache = decoder.cache(batch, length_of_cache)
     # the mask spans the whole cache: prompt padding 0, every later position 1 (causality hides the future)
     mask = torch.ones(batch, length_of_cache, dtype=attention_mask.dtype, device=device)
@@ -183,8 +191,11 @@ def generate(
         if step < length.min_length:
             logits[:, eos_token_id] = float("-inf")
         done = finished[rows]
+        # noise for every original row, so that a row's draw does not depend on which rows remain
+        uniform = None if sampling.use_greedy else torch.rand(
+            batch + 1, logits.shape[-1], generator=generator, device=device)[rows]
         token = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long),
-                            sample_next_token(logits, sampling, generator))
+                            sample_next_token(logits, sampling, uniform))
         response_lengths[rows] += (~done).long()
         finished[rows] = done | (token == eos_token_id)
         responses[rows, step] = token
