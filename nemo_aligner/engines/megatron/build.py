@@ -1,0 +1,92 @@
+"""megatron-core's GPTModel for a Hugging Face config: the transformer config, the layer spec (megatron's
+local spec, no TransformerEngine or apex needed) with PyTorch's SDPA as the core attention."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from transformers import PretrainedConfig
+
+# The families whose decoder megatron's local spec reproduces: pre-norm RMSNorm, RoPE (non-interleaved),
+# SwiGLU MLP without biases, grouped-query attention with an optional qkv bias.
+FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def transformer_config(config: PretrainedConfig, *, dtype: torch.dtype) -> TransformerConfig:
+    """The megatron TransformerConfig of a Hugging Face config (FAMILIES); kernels that need CUDA
+    extensions (fused softmax, fused bias-activation, fused RoPE) are off, dropout is 0."""
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"model.engine=megatron supports model_type {list(FAMILIES)}, not '{config.model_type}'")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"model.engine=megatron supports plain RoPE, not rope_type '{rope_type}'")
+    heads = config.num_attention_heads
+    return TransformerConfig(
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=heads, num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
+        kv_channels=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        normalization="RMSNorm", layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=config.model_type == "qwen2",
+        attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False, bias_activation_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, use_cpu_initialization=True, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal attention through torch.nn.functional.scaled_dot_product_attention (flash / cuDNN kernels on
+    GPU, any device), in megatron's core-attention slot: [s, b, heads, d] in, [s, b, heads * d] out."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: object, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection: object = None) -> None:
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                attn_mask_type: object = None, attention_bias: object = None,
+                packed_seq_params: object = None) -> torch.Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SDPACoreAttention takes no attention bias or packed sequences")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+
+def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype) -> GPTModel:
+    """megatron-core's GPTModel for `config` (random weights; convert.hf_to_megatron fills them), on the CPU."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    with cuda_placements_on_cpu():
+        return GPTModel(transformer_config(config, dtype=dtype), spec, vocab_size=config.vocab_size,
+                        max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
+                        rotary_base=int(rope_theta(config)),
+                        share_embeddings_and_output_weights=config.tie_word_embeddings)
+
+
+def rope_theta(config: PretrainedConfig) -> float:
+    """RoPE's base (transformers 5 keeps it in rope_parameters, earlier versions as rope_theta)."""
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or config.rope_theta
+
+
+@contextlib.contextmanager
+def cuda_placements_on_cpu() -> Iterator[None]:
+    """megatron-core places a few tensors on `torch.cuda.current_device()` (e.g. RoPE's frequencies). Without
+    CUDA (CPU tests, gloo), that call is answered with the CPU inside this block; with CUDA, nothing changes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original

@@ -1,0 +1,106 @@
+"""Hugging Face <-> megatron-core GPTModel weights, for the Llama-style families (llama, qwen2, mistral).
+
+Names and layouts (megatron's local layer spec):
+  model.embed_tokens.weight            -> embedding.word_embeddings.weight
+  layers.i.input_layernorm             -> decoder.layers.i.input_layernorm
+  layers.i.self_attn.{q,k,v}_proj      -> decoder.layers.i.self_attention.linear_qkv: one block per key/value
+                                          group, [that group's query heads; its key head; its value head]
+  layers.i.self_attn.o_proj            -> decoder.layers.i.self_attention.linear_proj
+  layers.i.post_attention_layernorm    -> decoder.layers.i.pre_mlp_layernorm
+  layers.i.mlp.{gate,up}_proj          -> decoder.layers.i.mlp.linear_fc1 ([gate; up]: megatron's gated unit
+                                          applies the activation to the first half)
+  layers.i.mlp.down_proj               -> decoder.layers.i.mlp.linear_fc2
+  model.norm                           -> decoder.final_layernorm
+  lm_head.weight                       -> output_layer.weight (absent when the embeddings are tied)
+Both directions are exact (pure reindexing), so a round trip returns the same tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+
+HF_LAYER = "model.layers.{}."
+MEGATRON_LAYER = "decoder.layers.{}."
+# per layer, same tensor under both names
+RENAMED = {"input_layernorm.weight": "input_layernorm.weight",
+           "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+           "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+           "mlp.down_proj.weight": "mlp.linear_fc2.weight"}
+
+
+def _heads(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
+    """q [H*d, ...], k and v [G*d, ...] -> megatron's [G * (H/G + 2) * d, ...], one block per group."""
+    heads, groups, head_dim = _heads(config)
+    rest = q.shape[1:]
+    q = q.reshape(groups, heads // groups * head_dim, *rest)
+    k, v = (t.reshape(groups, head_dim, *rest) for t in (k, v))
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, config: PretrainedConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of fuse_qkv."""
+    heads, groups, head_dim = _heads(config)
+    rest = qkv.shape[1:]
+    blocks = qkv.reshape(groups, (heads // groups + 2) * head_dim, *rest)
+    q, k, v = blocks.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def hf_to_megatron(state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """A Hugging Face causal-LM state dict -> megatron GPTModel's (every tensor accounted for)."""
+    out = {"embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": state["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        out["output_layer.weight"] = state["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        hf, mg = HF_LAYER.format(i), MEGATRON_LAYER.format(i)
+        for hf_name, mg_name in RENAMED.items():
+            out[mg + mg_name] = state[hf + hf_name]
+        attn = hf + "self_attn."
+        out[mg + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            *(state[f"{attn}{p}_proj.weight"] for p in "qkv"), config)
+        if f"{attn}q_proj.bias" in state:
+            out[mg + "self_attention.linear_qkv.bias"] = fuse_qkv(*(state[f"{attn}{p}_proj.bias"] for p in "qkv"), config)
+        out[mg + "mlp.linear_fc1.weight"] = torch.cat([state[hf + "mlp.gate_proj.weight"], state[hf + "mlp.up_proj.weight"]])
+    used = set(_hf_names(config, qkv_bias=f"{HF_LAYER.format(0)}self_attn.q_proj.bias" in state))
+    unused = sorted(set(state) - used)
+    if unused:
+        raise ValueError(f"Hugging Face weights with no megatron counterpart: {unused[:5]}")
+    return out
+
+
+def megatron_to_hf(state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_megatron (lm_head.weight is the embedding when tied, as transformers saves it)."""
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+           "model.norm.weight": state["decoder.final_layernorm.weight"],
+           "lm_head.weight": state["embedding.word_embeddings.weight" if config.tie_word_embeddings else "output_layer.weight"]}
+    for i in range(config.num_hidden_layers):
+        hf, mg = HF_LAYER.format(i), MEGATRON_LAYER.format(i)
+        for hf_name, mg_name in RENAMED.items():
+            out[hf + hf_name] = state[mg + mg_name]
+        q, k, v = split_qkv(state[mg + "self_attention.linear_qkv.weight"], config)
+        out.update({f"{hf}self_attn.q_proj.weight": q, f"{hf}self_attn.k_proj.weight": k, f"{hf}self_attn.v_proj.weight": v})
+        if mg + "self_attention.linear_qkv.bias" in state:
+            q, k, v = split_qkv(state[mg + "self_attention.linear_qkv.bias"], config)
+            out.update({f"{hf}self_attn.q_proj.bias": q, f"{hf}self_attn.k_proj.bias": k, f"{hf}self_attn.v_proj.bias": v})
+        gate, up = state[mg + "mlp.linear_fc1.weight"].chunk(2)
+        out.update({hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up})
+    return out
+
+
+def _hf_names(config: PretrainedConfig, *, qkv_bias: bool) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]  # tied: the embedding's alias
+    for i in range(config.num_hidden_layers):
+        hf = HF_LAYER.format(i)
+        names += [hf + n for n in RENAMED] + [f"{hf}mlp.{p}_proj.weight" for p in ("gate", "up")]
+        names += [f"{hf}self_attn.{p}_proj.{kind}" for p in "qkv" for kind in (("weight", "bias") if qkv_bias else ("weight",))]
+    return names
