@@ -9,9 +9,9 @@ import torch
 from megatron.core import parallel_state  # a dev dependency (pip install -e ".[dev]")
 from transformers import AutoModelForCausalLM
 
-from helpers import make_model_dir
+from helpers import make_model_dir, torchrun
 from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements_on_cpu
-from nemo_aligner.engines.megatron.convert import fuse_qkv, hf_to_megatron, megatron_to_hf, split_qkv
+from nemo_aligner.engines.megatron.convert import fuse_qkv, hf_to_megatron, megatron_to_hf, split_qkv, tensor_parallel_shard
 from nemo_aligner.utils.distributed import init_distributed
 
 
@@ -63,3 +63,26 @@ def test_fused_qkv_puts_each_query_group_before_its_key_and_value() -> None:
     fused = fuse_qkv(q, k, v, config)
     assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, config), (q, k, v)))
+
+
+def test_tensor_parallel_shards_give_each_rank_its_slice_of_the_logits(tmp_path) -> None:
+    """TP=2 over gloo: megatron's column/row/vocabulary-parallel layers on the shards of the converted
+    weights reproduce transformers' logits, each rank its half of the vocabulary."""
+    import json
+
+    dirs = [make_model_dir(str(tmp_path / family), family) for family in ("llama", "qwen2")]
+    out = torchrun(2, "tests/distributed/megatron_checks.py", *dirs)
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["model_type"] for r in results] == ["llama", "qwen2"]
+    for result in results:
+        assert result["missing"] == [] and result["unexpected"] == []
+        assert result["max_abs_gap"] < 1e-5, result
+
+
+def test_tensor_parallel_fc1_shards_pair_each_ranks_gate_and_up_rows() -> None:
+    fc1 = torch.arange(8.0)[:, None]  # gate rows 0-3, up rows 4-7
+    assert tensor_parallel_shard("decoder.layers.0.mlp.linear_fc1.weight", fc1, 1, 2).flatten().tolist() == [2, 3, 6, 7]
+    proj = torch.arange(4.0)[None, :]
+    assert tensor_parallel_shard("decoder.layers.0.self_attention.linear_proj.weight", proj, 0, 2).tolist() == [[0, 1]]
+    norm = torch.ones(3)
+    assert tensor_parallel_shard("decoder.final_layernorm.weight", norm, 1, 2) is norm

@@ -97,6 +97,25 @@ def megatron_to_hf(state: dict[str, torch.Tensor], config: PretrainedConfig) -> 
     return out
 
 
+# how megatron's tensor-parallel layers split each weight over the ranks
+COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")
+ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def tensor_parallel_shard(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s piece of megatron weight `name` under tensor parallelism of `size`: column-parallel
+    weights (the fused qkv, whose per-group blocks then stay whole; the vocabulary) split along dim 0,
+    row-parallel ones along dim 1, fc1 as [rank's gate rows; rank's up rows], norms whole."""
+    if name.endswith("linear_fc1.weight"):
+        gate, up = tensor.chunk(2)
+        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
+    if name.endswith(COLUMN_PARALLEL):
+        return tensor.chunk(size)[rank]
+    if name.endswith(ROW_PARALLEL):
+        return tensor.chunk(size, dim=1)[rank]
+    return tensor
+
+
 def _hf_names(config: PretrainedConfig, *, qkv_bias: bool) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]  # tied: the embedding's alias
     for i in range(config.num_hidden_layers):
