@@ -65,18 +65,39 @@ def test_fused_qkv_puts_each_query_group_before_its_key_and_value() -> None:
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, config), (q, k, v)))
 
 
-def test_tensor_parallel_shards_give_each_rank_its_slice_of_the_logits(tmp_path) -> None:
-    """TP=2 over gloo: megatron's column/row/vocabulary-parallel layers on the shards of the converted
-    weights reproduce transformers' logits, each rank its half of the vocabulary."""
+def test_tensor_and_pipeline_parallel_layouts_give_transformers_logits_and_gradients(tmp_path) -> None:
+    """Over 2 gloo processes, for llama (tied) and qwen2 (qkv bias): TP=2, each rank's vocabulary-parallel
+    logits are its half of transformers'; then, at TP=2 and through megatron's 1F1B schedule at PP=2, the
+    SFT loss over 2 micro-batches of right-padded rows (schedule.forward_backward with our vocabulary-
+    parallel log-probs) and its gradients (final norm; at PP=2 also the first stage's first norm) equal
+    transformers'."""
     import json
 
     dirs = [make_model_dir(str(tmp_path / family), family) for family in ("llama", "qwen2")]
-    out = torchrun(2, "tests/distributed/megatron_checks.py", *dirs)
+    out = torchrun(2, "tests/distributed/megatron_checks.py", "tp,pp", *dirs)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [r["model_type"] for r in results] == ["llama", "qwen2"]
+    assert [(r["mode"], r["model_type"]) for r in results] == [(m, f) for m in ("tp", "pp") for f in ("llama", "qwen2")]
     for result in results:
-        assert result["missing"] == [] and result["unexpected"] == []
-        assert result["max_abs_gap"] < 1e-5, result
+        assert result["missing"] == [] and result["unexpected"] == [], result
+        assert result["loss_gap"] < 1e-5 and result["final_norm_grad_gap"] < 1e-6, result
+        assert result["logits_gap"] < 1e-5 if result["mode"] == "tp" else result["first_norm_grad_gap"] < 1e-6, result
+
+
+def test_pipeline_stages_hold_their_layers_renumbered_and_the_ends_their_own_weights() -> None:
+    from transformers import AutoConfig
+
+    from nemo_aligner.engines.megatron.convert import pipeline_stage_state
+
+    config = AutoConfig.for_model("llama", num_hidden_layers=4, tie_word_embeddings=True)
+    state = {"embedding.word_embeddings.weight": torch.zeros(1), "decoder.final_layernorm.weight": torch.ones(1),
+             **{f"decoder.layers.{i}.mlp.linear_fc2.weight": torch.full((1,), float(i)) for i in range(4)}}
+    first, last = (pipeline_stage_state(state, config, stage, 2) for stage in (0, 1))
+    assert sorted(first) == ["decoder.layers.0.mlp.linear_fc2.weight", "decoder.layers.1.mlp.linear_fc2.weight",
+                             "embedding.word_embeddings.weight"]
+    assert last["decoder.layers.0.mlp.linear_fc2.weight"].item() == 2.0  # layer 2, the stage's first
+    assert last["output_layer.weight"] is state["embedding.word_embeddings.weight"]  # tied: the head is the embedding
+    with pytest.raises(ValueError, match="4 layers do not split evenly into 3 pipeline stages"):
+        pipeline_stage_state(state, config, 0, 3)
 
 
 def test_tensor_parallel_fc1_shards_pair_each_ranks_gate_and_up_rows() -> None:
@@ -86,3 +107,32 @@ def test_tensor_parallel_fc1_shards_pair_each_ranks_gate_and_up_rows() -> None:
     assert tensor_parallel_shard("decoder.layers.0.self_attention.linear_proj.weight", proj, 0, 2).tolist() == [[0, 1]]
     norm = torch.ones(3)
     assert tensor_parallel_shard("decoder.final_layernorm.weight", norm, 1, 2) is norm
+
+
+def test_the_schedule_in_one_process_gives_transformers_loss_and_gradients_and_refuses_ragged_micro_batches(
+        tmp_path) -> None:
+    """schedule.forward_backward with one stage (megatron's plain micro-batch loop)."""
+    import functools
+
+    from nemo_aligner.engines.megatron.schedule import forward_backward
+    from nemo_aligner.losses.sft import sft_loss_fn
+
+    hf = AutoModelForCausalLM.from_pretrained(make_model_dir(str(tmp_path / "qwen2"), "qwen2"), dtype=torch.float32)
+    model = build_gpt_model(hf.config, dtype=torch.float32)
+    model.load_state_dict(hf_to_megatron(hf.state_dict(), hf.config), strict=False)
+    ids = torch.randint(3, hf.config.vocab_size, (4, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.float32)
+    mask[:, :2] = 0
+    micro_batches = [{"input_ids": ids[i:i + 2], "attention_mask": torch.ones_like(ids[i:i + 2]), "loss_mask": mask[i:i + 2]}
+                     for i in (0, 2)]
+    loss_fn = functools.partial(sft_loss_fn, global_num_tokens=mask[:, 1:].sum())
+    sums = forward_backward([model], micro_batches, loss_fn, forward_only=False, tp_group=None, vocab_start_index=0,
+                            chunk_size=4)
+    logprobs = torch.log_softmax(hf(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    reference = -(logprobs * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    reference.backward()
+    assert sums["loss"].item() == pytest.approx(reference.item(), abs=1e-6)
+    torch.testing.assert_close(model.decoder.final_layernorm.weight.grad, hf.model.norm.weight.grad, atol=1e-6, rtol=1e-5)
+    ragged = [micro_batches[0], {k: v[:, :-1] for k, v in micro_batches[1].items()}]
+    with pytest.raises(ValueError, match=r"micro-batches of one shape, got \[\(2, 8\), \(2, 9\)\]"):
+        forward_backward([model], ragged, loss_fn, forward_only=True, tp_group=None, vocab_start_index=0, chunk_size=4)

@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -61,15 +63,22 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
 
-def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype) -> GPTModel:
-    """megatron-core's GPTModel for `config` (random weights; convert.hf_to_megatron fills them), on the CPU."""
+def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype, pipeline_stages: int = 1) -> GPTModel:
+    """megatron-core's GPTModel for `config` (random weights; convert.hf_to_megatron fills them), on the CPU:
+    with `pipeline_stages` > 1, this rank's stage (its share of the layers; the embedding on the first
+    stage, the final norm and output layer on the last), as megatron's parallel_state places it."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    transformer = transformer_config(config, dtype=dtype)
+    transformer.pipeline_model_parallel_size = pipeline_stages
+    transformer.pipeline_dtype = dtype
     with cuda_placements_on_cpu():
-        return GPTModel(transformer_config(config, dtype=dtype), spec, vocab_size=config.vocab_size,
+        return GPTModel(transformer, spec, vocab_size=config.vocab_size,
                         max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
                         rotary_base=int(rope_theta(config)),
-                        share_embeddings_and_output_weights=config.tie_word_embeddings)
+                        share_embeddings_and_output_weights=config.tie_word_embeddings,
+                        pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
 
 
 def rope_theta(config: PretrainedConfig) -> float:
@@ -77,16 +86,35 @@ def rope_theta(config: PretrainedConfig) -> float:
     return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or config.rope_theta
 
 
+class _CudaArgumentsToCpu(TorchFunctionMode):
+    """Tensor factories and moves that name a CUDA device (device="cuda", .cuda(), .to("cuda")) get the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if isinstance(a, (str, torch.device)) and torch.device(a).type == "cuda" else a
+                         for a in args)
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def cuda_placements_on_cpu() -> Iterator[None]:
-    """megatron-core places a few tensors on `torch.cuda.current_device()` (e.g. RoPE's frequencies). Without
-    CUDA (CPU tests, gloo), that call is answered with the CPU inside this block; with CUDA, nothing changes."""
+    """Run megatron-core on a machine without CUDA (CPU tests over gloo). megatron-core places tensors on
+    CUDA in a few spots (RoPE frequencies, pipeline buffers, the tied-embedding sync) and synchronises
+    the device around pipeline sends; inside this block those placements get the CPU and
+    torch.cuda.synchronize does nothing. With CUDA, nothing changes."""
     if torch.cuda.is_available():
         yield
         return
-    original = torch.cuda.current_device
+    saved = torch.cuda.current_device, torch.cuda.synchronize
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     try:
-        yield
+        with _CudaArgumentsToCpu():
+            yield
     finally:
-        torch.cuda.current_device = original
+        torch.cuda.current_device, torch.cuda.synchronize = saved

@@ -116,6 +116,30 @@ def tensor_parallel_shard(name: str, tensor: torch.Tensor, rank: int, size: int)
     return tensor
 
 
+def pipeline_stage_state(state: dict[str, torch.Tensor], config: PretrainedConfig, stage: int,
+                         stages: int) -> dict[str, torch.Tensor]:
+    """The weights of pipeline stage `stage` of `stages` (megatron names): its contiguous share of the
+    layers, renumbered from 0 as megatron numbers a stage's layers; the embedding on the first stage; the
+    final norm and the output layer on the last (with tied embeddings, the embedding as its output layer)."""
+    if config.num_hidden_layers % stages:
+        raise ValueError(f"{config.num_hidden_layers} layers do not split evenly into {stages} pipeline stages")
+    per_stage = config.num_hidden_layers // stages
+    first, last = stage == 0, stage == stages - 1
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith("decoder.layers."):
+            index = int(name.split(".")[2])
+            if stage * per_stage <= index < (stage + 1) * per_stage:
+                out[name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index - stage * per_stage}.", 1)] = tensor
+        elif name.startswith("embedding.") and first:
+            out[name] = tensor
+        elif name.startswith(("decoder.final_layernorm.", "output_layer.")) and last:
+            out[name] = tensor
+    if last and not first and config.tie_word_embeddings:
+        out["output_layer.weight"] = state["embedding.word_embeddings.weight"]
+    return out
+
+
 def _hf_names(config: PretrainedConfig, *, qkv_bias: bool) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]  # tied: the embedding's alias
     for i in range(config.num_hidden_layers):

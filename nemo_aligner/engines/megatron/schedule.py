@@ -1,0 +1,51 @@
+"""A loss over micro-batches through megatron-core's schedules: 1F1B across pipeline stages, a plain loop
+with one stage; per-token log-probs from the last stage's (vocabulary-parallel) logits."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
+from nemo_aligner.types import Batch, LossFn, scored_positions
+from nemo_aligner.utils.logprobs import logprobs_from_logits
+
+
+def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Batch], loss_fn: LossFn, *,
+                     forward_only: bool, tp_group: dist.ProcessGroup | None, vocab_start_index: int,
+                     chunk_size: int) -> dict[str, torch.Tensor]:
+    """Run `loss_fn` (types.LossFn: a micro-batch's share of the global loss) on each micro-batch's per-token
+    log-probs [rows, T-1] (0 where not scored) and, unless `forward_only`, backpropagate it into the
+    parameters' .grad. Returns the loss and metric sums over the micro-batches on the last pipeline stage,
+    {} on the others. Micro-batches must share one shape (pipeline sends are sized once)."""
+    shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
+    if len(shapes) != 1:
+        raise ValueError(f"megatron's schedules need micro-batches of one shape, got {sorted(shapes)}")
+    rows, length = shapes.pop()
+    totals: dict[str, torch.Tensor] = {}
+
+    def forward_step(batches, model):  # noqa: ANN001, ANN202 (megatron's forward_step_func)
+        mb = next(batches)
+        logits = model(input_ids=mb["input_ids"], position_ids=None, attention_mask=None)
+
+        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            ids = mb["input_ids"]
+            labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # the last position's label is a dummy, dropped
+            logprobs = logprobs_from_logits(logits, labels, tp_group=tp_group, vocab_start_index=vocab_start_index,
+                                            chunk_size=chunk_size)[:, :-1] * scored_positions(mb)
+            loss, metrics = loss_fn(logprobs, mb)
+            for name, value in {"loss": loss, **metrics}.items():
+                value = value.detach().float()
+                totals[name] = totals[name] + value if name in totals else value
+            return loss * len(micro_batches), {}  # megatron divides by the number of micro-batches; ours is a share
+
+        return logits, loss_func
+
+    with cuda_placements_on_cpu():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                    model=model_chunks, num_microbatches=len(micro_batches), seq_length=length,
+                                    micro_batch_size=rows, forward_only=forward_only)
+    return totals
