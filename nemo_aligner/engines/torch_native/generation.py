@@ -14,6 +14,7 @@ import inspect
 from typing import Iterator
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -32,6 +33,8 @@ CACHE_LENGTH_MULTIPLE = 128
 # to a cache half as large or smaller, so finished rows stop costing decode work; batches are never cut
 # below this many rows, and sizes halve, so few decode graphs are captured.
 MIN_COMPACTED_ROWS = 4
+# Compiled decode steps dynamo may keep (batch halvings x cache lengths over a run) before it falls back to eager
+DECODE_GRAPHS_LIMIT = 64
 # fp32 [B, vocab] tensors a sampling step holds at once per row (logits, probabilities, sorted values and order)
 SAMPLING_BUFFERS_PER_ROW = 4
 
@@ -65,6 +68,8 @@ class Decoder:
         self._caches: dict[tuple[int, int], StaticCache] = {}  # by (rows, cache length), of one cache length
         self._step = (torch.compile(_forward_last_logits, mode="reduce-overhead", dynamic=False) if cuda_graphs
                       else _forward_last_logits)
+        if cuda_graphs:  # a graph per (rows, cache length, cache object): more than dynamo's default of 8 per code
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_GRAPHS_LIMIT)
 
     def cache_length(self, positions: int) -> int:
         """The cache length for `positions`: rounded up (cache_length) where a captured graph is reused by
