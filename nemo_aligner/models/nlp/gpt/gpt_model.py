@@ -157,8 +157,18 @@ class GPTModel:
         return self.global_sum(torch.tensor(rows // self.rows_per_example, dtype=torch.float32))
 
     def on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """`batch` moved to the device once, so the reference's and the policy's passes over it copy nothing."""
+        """`batch` moved to the device once, so the reference's and the policy's passes over it copy nothing.
+        With packing it stays where it is: each pass packs its micro-batches on the host (micro_batches) and
+        moves only the packed rows, instead of copying the padded batch back."""
+        if self.packing:
+            return dict(batch)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @property
+    def packing(self) -> bool:
+        """Whether micro-batches are packed (model.data.packing, resolved by the engine when it was null)."""
+        data = getattr(self.cfg, "data", None)
+        return bool(data is not None and data.packing)
 
     def global_mean(self, values: torch.Tensor) -> float:
         """The mean of every rank's `values` together (each rank may hold a different number)."""
@@ -183,10 +193,10 @@ class GPTModel:
         if mask.device.type == "cpu" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
             raise ValueError("training batches must be right-padded (attention_mask 1...1 0...0 per row)")
         micro_batches = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
-        data = getattr(self.cfg, "data", None)
-        if data is not None and data.packing:  # laid out on the host, where the row lengths are known
+        if self.packing:  # laid out on the host, where the row lengths are known
             micro_batches = [pack_micro_batch({k: v.cpu() for k, v in mb.items()}, pad_token_id=self.tokenizer.pad_token_id,
-                                              multiple_of=data.pad_to_multiple_of) for mb in micro_batches]
+                                              multiple_of=self.cfg.data.pad_to_multiple_of)  # type: ignore[attr-defined]
+                             for mb in micro_batches]
         # every micro-batch's scored positions are located now, before any forward is queued (types.py)
         return [{k: v.to(self.device) for k, v in with_scored_index(mb).items()} for mb in micro_batches]
 
