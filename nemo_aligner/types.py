@@ -20,7 +20,7 @@ what the network runs on; engines return its log-probs unpacked into the [B, T-1
                   the filler starts, then N (transformers' cu_seq_lens for variable-length attention);
   unpack_index    [B, T-1] int64: each row target's index among the N-1 packed targets, -1 past its end.
 A packed target whose position id is 0 starts a sequence and is never scored.
-Optionally (GPTModel.micro_batches adds it while a batch is still on the host):
+Optionally (GPTModel.micro_batches adds it to each micro-batch before any forward is queued):
   scored_index    [K] int64: the flat indices of the K scored targets, in the [B*(T-1)] targets (of the packed
                   row's N-1 when packed), so scoring gathers them without a device-to-host synchronisation.
 """

@@ -130,6 +130,8 @@ def test_left_padded_training_batch_is_rejected(llama_dir: str) -> None:
     batch["attention_mask"] = batch["attention_mask"].flip(-1)
     with pytest.raises(ValueError, match="right-padded"):
         model.get_logprobs(batch)
+    with pytest.raises(ValueError, match="right-padded"):  # DPO and SPIN move their batch first: checked there
+        model.on_device(batch)
 
 
 def test_devices_must_match_the_launched_processes(llama_dir: str) -> None:

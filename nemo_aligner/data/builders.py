@@ -19,16 +19,16 @@ from nemo_aligner.types import DataParallel
 
 
 def _loader(dataset: Any, *, global_batch_size: int, data_parallel: DataParallel, data: DataLoadingConfig, shuffle: bool,
-            collate: Callable[[list[Any]], Any], token_fields: tuple[str, ...],
+            collate: Callable[[list[Any]], Any], sequences: tuple[str, ...],
             micro_batch_size: int | None = None) -> StepDataLoader:
-    """With packing, global batches are split over the ranks by tokens (the `token_fields` of an example,
-    the prompt counted once per sequence that carries it), so packed rows are as long on every rank, and
-    given `micro_batch_size` each rank's micro-batches too; with group_by_length, global batches hold
-    examples of similar length."""
+    """With packing, global batches are split over the ranks by tokens, so packed rows are as long on every
+    rank, and given `micro_batch_size` each rank's micro-batches too; with group_by_length, global batches
+    hold examples of similar length. An example's tokens: the prompt once per sequence it is trained as,
+    plus each sequence's response, `sequences` naming the response field of each (none: the prompt alone)."""
     balance_ranks = data.packing and (data_parallel.size > 1 or micro_batch_size is not None)
     token_counts = None
     if balance_ranks or data.group_by_length:
-        token_counts = [_tokens(dataset[i], token_fields) for i in range(len(dataset))]
+        token_counts = [_tokens(dataset[i], sequences) for i in range(len(dataset))]
     sampler = GlobalBatchSampler(len(dataset), global_batch_size=global_batch_size, dp_rank=data_parallel.rank,
                                  dp_size=data_parallel.size, seed=data.seed, shuffle=shuffle, token_counts=token_counts,
                                  balance_ranks=balance_ranks, micro_batch_size=micro_batch_size,
@@ -36,9 +36,8 @@ def _loader(dataset: Any, *, global_batch_size: int, data_parallel: DataParallel
     return StepDataLoader(dataset, sampler, collate)
 
 
-def _tokens(example: dict[str, Any], fields: tuple[str, ...]) -> int:
-    responses = [example[f].numel() for f in fields if f != "prompt_ids"]
-    return example["prompt_ids"].numel() * max(len(responses), 1) + sum(responses)
+def _tokens(example: dict[str, Any], sequences: tuple[str, ...]) -> int:
+    return example["prompt_ids"].numel() * max(len(sequences), 1) + sum(example[f].numel() for f in sequences)
 
 
 def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: PreferenceDataConfig, *,
@@ -53,7 +52,7 @@ def build_preference_loader(path: str, tokenizer: PreTrainedTokenizerBase, data:
     collate = functools.partial(pair_collate, pad_token_id=tokenizer.pad_token_id,
                                 pad_to_multiple_of=data.pad_to_multiple_of)
     return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, data=data,
-                   shuffle=shuffle, collate=collate, token_fields=("prompt_ids", "chosen_ids", "rejected_ids"),
+                   shuffle=shuffle, collate=collate, sequences=("chosen_ids", "rejected_ids"),
                    micro_batch_size=micro_batch_size)
 
 
@@ -68,9 +67,10 @@ def build_sft_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: DataLo
     dataset = SFTDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
                          response_budget=response_budget)
     rows = functools.partial(sft_collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data.pad_to_multiple_of)
-    fields = ("prompt_ids", "response_ids") if collate else ("prompt_ids", "response_ids", "response_ids")
+    # SPIN trains an example as its SFT response and a generation, estimated at the SFT response's length
+    sequences = ("response_ids",) if collate else ("response_ids", "response_ids")
     return _loader(dataset, global_batch_size=global_batch_size, data_parallel=data_parallel, data=data,
-                   shuffle=shuffle, collate=rows if collate else list, token_fields=fields,
+                   shuffle=shuffle, collate=rows if collate else list, sequences=sequences,
                    micro_batch_size=micro_batch_size)
 
 
@@ -82,4 +82,4 @@ def build_prompt_loader(path: str, tokenizer: PreTrainedTokenizerBase, data: Dat
     dataset = PromptDataset(path, tokenizer, max_seq_length=max_seq_length, length_policy=data.length_policy,
                             response_budget=response_budget)
     return _loader(dataset, global_batch_size=prompts_per_step, data_parallel=data_parallel, data=data,
-                   shuffle=shuffle, collate=list, token_fields=("prompt_ids",))
+                   shuffle=shuffle, collate=list, sequences=())

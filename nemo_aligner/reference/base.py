@@ -9,7 +9,7 @@ every iteration and is saved with each checkpoint.
 
 from __future__ import annotations
 
-from typing import ContextManager, Protocol, Sequence
+from typing import Callable, ContextManager, Protocol, Sequence
 
 import torch
 
@@ -19,8 +19,10 @@ from nemo_aligner.types import Batch
 class ReferencePolicy(Protocol):
     name: str  # the strategy, for the log
 
-    def sequence_logps(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
-        """Σ_t of the reference's log-probs over each row's scored positions (loss_mask), [rows]."""
+    def sequence_logps(self, batch: Batch, split: Callable[[Batch], Sequence[Batch]]) -> torch.Tensor:
+        """Σ_t of the reference's log-probs over each row's scored positions (loss_mask), [rows].
+        `split` cuts `batch` into the model's micro-batches on the device; only strategies that compute
+        call it (precomputed values come with the batch, so no micro-batch is laid out for them)."""
         ...
 
     def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:

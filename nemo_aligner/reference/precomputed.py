@@ -50,11 +50,11 @@ class PrecomputedReference:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def sequence_logps(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
-        if any("ref_logps" not in mb for mb in micro_batches):
+    def sequence_logps(self, batch: Batch, split: Callable[[Batch], Sequence[Batch]]) -> torch.Tensor:
+        if "ref_logps" not in batch:
             raise RuntimeError("a batch carries no precomputed reference log-probs: its dataset was not passed "
                                "through PrecomputedReference.precompute_into before training")
-        return torch.cat([mb["ref_logps"] for mb in micro_batches]).float()
+        return batch["ref_logps"].float()
 
     def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         raise RuntimeError("the precomputed reference keeps per-sequence sums, not per-token log-probs; "

@@ -12,7 +12,7 @@ allocates once.
 
 from __future__ import annotations
 
-from typing import ContextManager, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -56,7 +56,8 @@ class WeightCopyReference:
         with self.active():
             return self.engine.logprobs(micro_batches)
 
-    def sequence_logps(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+    def sequence_logps(self, batch: Batch, split: Callable[[Batch], Sequence[Batch]]) -> torch.Tensor:
+        micro_batches = split(batch)
         return sum_over_scored(self.logprobs(micro_batches), micro_batches)
 
     def become_current_policy(self) -> None:

@@ -212,6 +212,16 @@ def logprobs_from_logits(
     return logprobs.view(labels.shape)
 
 
+def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, *, tp_group: dist.ProcessGroup | None,
+                        vocab_start_index: int, chunk_size: int) -> torch.Tensor:
+    """[B, T-1] log p(input_ids[:, t+1]) from the logits [B, T, V_local] of every position (vocab possibly
+    sharded, as logprobs_from_logits). All T positions are scored, the last against a dummy label and then
+    dropped: slicing the logits to T-1 positions instead would copy the whole [B, T, V] tensor."""
+    labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    return logprobs_from_logits(logits, labels, tp_group=tp_group, vocab_start_index=vocab_start_index,
+                                chunk_size=chunk_size)[:, :-1]
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -11,7 +11,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
 from nemo_aligner.types import Batch, LossFn, scored_positions
-from nemo_aligner.utils.logprobs import logprobs_from_logits
+from nemo_aligner.utils.logprobs import next_token_logprobs
 
 
 def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Batch], loss_fn: LossFn, *,
@@ -32,10 +32,8 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequenc
         logits = model(input_ids=mb["input_ids"], position_ids=None, attention_mask=None)
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            ids = mb["input_ids"]
-            labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # the last position's label is a dummy, dropped
-            logprobs = logprobs_from_logits(logits, labels, tp_group=tp_group, vocab_start_index=vocab_start_index,
-                                            chunk_size=chunk_size)[:, :-1] * scored_positions(mb)
+            logprobs = next_token_logprobs(logits, mb["input_ids"], tp_group=tp_group,
+                                           vocab_start_index=vocab_start_index, chunk_size=chunk_size) * scored_positions(mb)
             loss, metrics = loss_fn(logprobs, mb)
             for name, value in {"loss": loss, **metrics}.items():
                 value = value.detach().float()

@@ -259,7 +259,7 @@ def _longest(response_lengths: torch.Tensor, dp_group: dist.ProcessGroup | None)
 
 def _unfinished(finished: torch.Tensor, dp_group: dist.ProcessGroup | None) -> tuple[int, int]:
     """Rows still running on this rank, and on every data-parallel rank together (one host sync)."""
-    counts = torch.stack([(~finished).sum(), (~finished).sum()])
+    counts = (~finished).sum().repeat(2)  # [here, everywhere]
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(counts[1:], group=dp_group)
     local, everywhere = counts.tolist()

@@ -9,7 +9,6 @@ its logits) score the full logits.
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -17,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 from nemo_aligner.types import Batch, is_packed, packed_row, scored_positions, unpack_logprobs
-from nemo_aligner.utils.logprobs import linear_logprobs, logprobs_from_logits
+from nemo_aligner.utils.logprobs import linear_logprobs, next_token_logprobs
 
 # Families whose CausalLM computes logits = lm_head(last hidden state), with nothing after it, and the
 # final norm whose output that last hidden state is.
@@ -55,12 +54,8 @@ def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp
     logits = module(**inputs, use_cache=False).logits
     if isinstance(logits, DTensor):
         logits = logits.to_local()
-    # Score all T positions against labels shifted by one (the last gets a dummy label) and drop the last
-    # afterwards: slicing the logits instead would copy the whole [B, T, V] tensor.
-    labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
-    logprobs = logprobs_from_logits(logits, labels, tp_group=tp_group, vocab_start_index=vocab_start,
-                                    chunk_size=chunk_size)[:, :-1]
-    return logprobs * targets
+    return next_token_logprobs(logits, input_ids, tp_group=tp_group, vocab_start_index=vocab_start,
+                               chunk_size=chunk_size) * targets
 
 
 def _model_inputs(mb: Batch) -> dict[str, torch.Tensor | int]:

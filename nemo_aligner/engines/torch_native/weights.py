@@ -87,15 +87,13 @@ def streamed_weights_from(module: nn.Module, buffers: Weights, layers: Sequence[
     for its own weights, so copying layer i+1 overlaps computing layer i; the weights outside the layers
     come first and everything after the block waits for all copies. Without a stream (CPU) the copies
     are done on entry. Names and shapes are validated before any weight changes."""
+    if stream is None:
+        copy_weights_from(module, buffers)
+        yield
+        return
     locals_ = _local_params(module)
     check_same_weights(locals_, buffers, "weight buffers")
     groups = forward_order_groups(module, layers, list(locals_))
-    if stream is None:
-        with torch.no_grad():
-            for name in locals_:
-                locals_[name].copy_(buffers[name])
-        yield
-        return
     current = torch.cuda.current_stream()
     stream.wait_stream(current)  # the weights' earlier readers and writers finish first
     events = []

@@ -50,7 +50,8 @@ class GPTDPOModel(GPTModel):
 
     def reference_logps(self, batch: Batch) -> torch.Tensor:
         """The reference's Σ_t log-probs of each row's response, [2P] (every strategy)."""
-        return self.reference.sequence_logps(self.micro_batches(batch, self.dpo.log_prob_forward_micro_batch_size))
+        return self.reference.sequence_logps(
+            batch, functools.partial(self.micro_batches, micro_batch_size=self.dpo.log_prob_forward_micro_batch_size))
 
     @torch.no_grad()
     def sequence_logps(self, batch: Batch) -> torch.Tensor:

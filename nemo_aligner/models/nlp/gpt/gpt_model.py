@@ -159,7 +159,9 @@ class GPTModel:
     def on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         """`batch` moved to the device once, so the reference's and the policy's passes over it copy nothing.
         With packing it stays where it is: each pass packs its micro-batches on the host (micro_batches) and
-        moves only the packed rows, instead of copying the padded batch back."""
+        moves only the packed rows, instead of copying the padded batch back. Rows are checked to be
+        right-padded first, while the batch is on the host (see micro_batches)."""
+        _check_right_padded(batch["attention_mask"])
         if self.packing:
             return dict(batch)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -189,9 +191,7 @@ class GPTModel:
         rows = next(iter(batch.values())).shape[0]
         if rows % per_example:
             raise ValueError(f"a batch of {rows} rows is not whole examples of {per_example} rows")
-        mask = batch["attention_mask"]
-        if mask.device.type == "cpu" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
-            raise ValueError("training batches must be right-padded (attention_mask 1...1 0...0 per row)")
+        _check_right_padded(batch["attention_mask"])
         micro_batches = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
         if self.packing:  # laid out on the host, where the row lengths are known
             micro_batches = [pack_micro_batch({k: v.cpu() for k, v in mb.items()}, pad_token_id=self.tokenizer.pad_token_id,
@@ -220,3 +220,10 @@ class GPTModel:
         """Write a Hugging Face model directory (bf16 weights when training in bf16)."""
         self.engine.export_hf(path)
 
+
+def _check_right_padded(attention_mask: torch.Tensor) -> None:
+    """Refuse rows that are not right-padded (types.Batch), checked only on the host: on the device the
+    check would cost a synchronisation, and device batches (rollouts) are right-padded by construction."""
+    if (attention_mask.device.type == "cpu" and attention_mask.shape[1] > 1
+            and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any())):
+        raise ValueError("training batches must be right-padded (attention_mask 1...1 0...0 per row)")

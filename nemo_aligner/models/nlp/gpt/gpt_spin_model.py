@@ -74,7 +74,7 @@ class GPTSPINModel(GPTModel):
     def loss_and_metrics(self, pairs: Batch, *, forward_only: bool = False) -> dict[str, float]:
         """Forward(/backward) of the SPIN loss on a pair batch; reduced metrics."""
         pairs = self.on_device(pairs)
-        pairs["ref_logps"] = self.reference.sequence_logps(self.micro_batches(pairs))
+        pairs["ref_logps"] = self.reference.sequence_logps(pairs, self.micro_batches)
         loss_fn = functools.partial(spin_loss_fn, beta=self.kl_penalty, global_pairs=self.global_examples(pairs))
         return finalize_reward_metrics(self.forward_backward(pairs, loss_fn, forward_only=forward_only))
 
