@@ -254,3 +254,41 @@ def test_compaction_changes_no_sampled_token_either(policy: GPTModel, monkeypatc
     assert torch.equal(outputs[0].tokens, outputs[1].tokens)
     assert torch.equal(outputs[0].response_lengths, outputs[1].response_lengths)
     assert min(sizes) < len(prompts) // 2 and outputs[0].response_lengths.max() > 2  # compacted, not all at once
+
+
+@pytest.mark.parametrize("boolean_mask", [True, False])
+def test_one_token_grouped_attention_equals_attention_over_repeated_key_value_heads(boolean_mask: bool) -> None:
+    """A decode step's query heads folded onto their shared key/value head give what SDPA gives over key and
+    value heads repeated per query head (transformers' repeat_kv), padding masked."""
+    from nemo_aligner.engines.torch_native.varlen_attention import grouped_one_token_attention
+
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, heads, length, 8, generator=gen) for heads, length in ((6, 1), (2, 10), (2, 10)))
+    attend = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    attend[0, ..., :4] = False  # a left-padded row
+    attend[2, ..., 7:] = False  # cache positions not written yet
+    mask = attend if boolean_mask else torch.zeros(attend.shape).masked_fill(~attend, float("-inf"))
+    repeated = [t.repeat_interleave(3, dim=1) for t in (key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.3)
+    out = grouped_one_token_attention(query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+
+def test_decoding_with_the_packing_attention_takes_the_grouped_path_and_gives_the_sdpa_tokens(llama_dir: str,
+                                                                                             monkeypatch) -> None:
+    """A model built with the torch_varlen implementation (what bf16 engines on CUDA use) decodes greedily
+    what the SDPA model decodes, its one-token steps through grouped_one_token_attention."""
+    from nemo_aligner.engines.torch_native import varlen_attention
+
+    varlen_attention.register_varlen_attention()
+    calls = []
+    folded = varlen_attention.grouped_one_token_attention
+    monkeypatch.setattr(varlen_attention, "grouped_one_token_attention", lambda *a, **k: calls.append(1) or folded(*a, **k))
+    models = {impl: AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation=impl)
+              for impl in ("sdpa", varlen_attention.VARLEN)}
+    ids, mask = _left_padded(0)
+    run = lambda impl: generate(models[impl], ids, mask, sampling=SamplingParams(use_greedy=True),  # noqa: E731
+                                length=LengthParams(max_length=6), eos_token_id=99, pad_token_id=0, generator=None,
+                                dp_group=None)
+    assert torch.equal(run(varlen_attention.VARLEN).tokens, run("sdpa").tokens)
+    assert len(calls) == 5 * models["sdpa"].config.num_hidden_layers  # every decode step after the prefill

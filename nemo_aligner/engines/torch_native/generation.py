@@ -68,6 +68,9 @@ class Decoder:
         self._caches: dict[tuple[int, int], StaticCache] = {}  # by (rows, cache length), of one cache length
         self._step = (torch.compile(_forward_last_logits, mode="reduce-overhead", dynamic=False) if cuda_graphs
                       else _forward_last_logits)
+        # with CUDA graphs also the sampling: one fused pass over the [B, V] logits instead of an eager kernel
+        # per op (the Gumbel noise's two logs and negations, the add, the argmax: 0.6 ms a step at 256 rows)
+        self._sample = torch.compile(sample_next_token, dynamic=False) if cuda_graphs else None
         if cuda_graphs:  # a graph per (rows, cache length, cache object): more than dynamo's default of 8 per code
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_GRAPHS_LIMIT)
 
@@ -100,6 +103,10 @@ class Decoder:
             if hasattr(old, "cumulative_length_int"):  # sliding-window layers also count on the host
                 new.cumulative_length_int = old.cumulative_length_int
         return smaller
+
+    def sample(self, logits: torch.Tensor, sampling: SamplingParams, uniform: torch.Tensor | None) -> torch.Tensor:
+        """sample_next_token, compiled where the decode step is."""
+        return (self._sample or sample_next_token)(logits, sampling, uniform)
 
     def prefill(self, cache: StaticCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
@@ -200,7 +207,7 @@ def generate(
         uniform = None if sampling.use_greedy else torch.rand(
             batch + 1, logits.shape[-1], generator=generator, device=device)[rows]
         token = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long),
-                            sample_next_token(logits, sampling, uniform))
+                            decoder.sample(logits, sampling, uniform))
         response_lengths[rows] += (~done).long()
         finished[rows] = done | (token == eos_token_id)
         responses[rows, step] = token
