@@ -15,6 +15,7 @@ sigmoid loss, beta 0.1; plus our README configuration (512 + 512 tokens, 64 pair
   ours_resident      bf16 with fp32 masters, reference resident (online, on the device)
   ours_swap          bf16 with fp32 masters, reference swapped in from pinned host memory each step
   ours_pure_bf16     trainer.precision=bf16_pure, reference precomputed
+  ours_megatron      ours_precomputed on model.engine=megatron (megatron-core GPTModel, DDP + distributed optimizer)
   ours_packed        ours_precomputed with model.data.packing=true (for the variable-length --workload pm64 / longtail)
   ours_*checkpointed the same with activation checkpointing per layer (model.activations_checkpoint_granularity=full),
                      as TRL's default has gradient checkpointing: the memory comparison at equal recomputation
@@ -65,6 +66,7 @@ RUNS = {
     "ours_pure_bf16_checkpointed": dict(system="ours", precision="bf16_pure", reference="precomputed", checkpointing=True),
     "ours_checkpointed_half": dict(system="ours", precision="bf16", reference="precomputed", checkpointing=True,
                                    checkpoint_layers="half"),
+    "ours_megatron": dict(system="ours", precision="bf16", reference="precomputed", engine="megatron"),
     "ours_micro4": dict(system="ours", precision="bf16", reference="precomputed", micro_pairs=4),
     "ours_micro2": dict(system="ours", precision="bf16", reference="precomputed", micro_pairs=2),
     "ours_readme": dict(system="ours", precision="bf16", reference="precomputed", prompt_len=512, response_len=512,
@@ -222,7 +224,8 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
     examples = synthetic_ids(vocab_words(args.shape), args.dataset_pairs, args.prompt_len, args.response_len, seed=0,
                              workload=args.workload)
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in examples)
-    cfg = DPOModelConfig(micro_batch_size=micro, global_batch_size=args.pairs, encoder_seq_length=longest,
+    cfg = DPOModelConfig(engine=spec.get("engine", "torch_native"), micro_batch_size=micro, global_batch_size=args.pairs,
+                         encoder_seq_length=longest,
                          data=PreferenceDataConfig(packing=spec.get("packing", False)),
                          activations_checkpoint_granularity="full" if spec.get("checkpointing") else None,
                          activations_checkpoint_num_layers=(SHAPES[args.shape]["num_hidden_layers"] // 2

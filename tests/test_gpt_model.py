@@ -100,10 +100,10 @@ def test_optimizer_state_offload_round_trip_is_bit_exact(llama_dir: str) -> None
     assert all(torch.equal(a, b) for a, b in zip(before, states))
     model.forward_backward(batch, _sft(batch))
     model.optimizer_step(1.0)  # training goes on with the restored state
-    host_buffers = [t.data_ptr() for t in model.engine._offload_buffers]
+    host_buffers = [t.data_ptr() for t in model.engine._offload.host_buffers]
     before = [t.clone() for t in states]
     model.engine.offload_optimizer_state()  # the next offload reuses the host buffers: no new (pinned) allocation
-    assert [t.data_ptr() for t in model.engine._offload_buffers] == host_buffers
+    assert [t.data_ptr() for t in model.engine._offload.host_buffers] == host_buffers
     model.engine.onload_optimizer_state()
     assert all(torch.equal(a, b) for a, b in zip(before, states))
 

@@ -9,7 +9,8 @@ from nemo_aligner.config.schema import ModelConfig, PretrainedCheckpointConfig, 
 from nemo_aligner.engines.base import Engine, EngineBuilder
 from nemo_aligner.types import require
 
-_BUILT_IN = {"torch_native": "nemo_aligner.engines.torch_native.engine:build_torch_native_engine"}
+_BUILT_IN = {"torch_native": "nemo_aligner.engines.torch_native.engine:build_torch_native_engine",
+             "megatron": "nemo_aligner.engines.megatron.engine:build_megatron_engine"}
 _REGISTERED: dict[str, EngineBuilder] = {}
 
 

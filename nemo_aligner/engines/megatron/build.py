@@ -44,7 +44,9 @@ def transformer_config(config: PretrainedConfig, *, dtype: torch.dtype) -> Trans
 
 class SDPACoreAttention(MegatronModule):
     """Causal attention through torch.nn.functional.scaled_dot_product_attention (flash / cuDNN kernels on
-    GPU, any device), in megatron's core-attention slot: [s, b, heads, d] in, [s, b, heads * d] out."""
+    GPU, any device), in megatron's core-attention slot: [s, b, heads, d] in, [s, b, heads * d] out. A
+    given attention mask ([b, 1, s, s], True where hidden: generation's left-padded prompts) replaces
+    the causal one."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: object, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -58,7 +60,9 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("SDPACoreAttention takes no attention bias or packed sequences")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+        # megatron's mask marks what is hidden (True); without one, causal attention over right-padded rows
+        mask = None if attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
@@ -87,12 +91,15 @@ def rope_theta(config: PretrainedConfig) -> float:
 
 
 class _CudaArgumentsToCpu(TorchFunctionMode):
-    """Tensor factories and moves that name a CUDA device (device="cuda", .cuda(), .to("cuda")) get the CPU."""
+    """Tensor factories and moves that name a CUDA device (device="cuda", .cuda(), .to("cuda")) get the CPU,
+    and a tensor's type() names its CUDA type (the distributed optimizer accepts only those)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # megatron's checks ask for CUDA tensor types
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cuda":
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to:

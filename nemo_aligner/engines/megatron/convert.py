@@ -147,3 +147,33 @@ def _hf_names(config: PretrainedConfig, *, qkv_bias: bool) -> list[str]:
         names += [hf + n for n in RENAMED] + [f"{hf}mlp.{p}_proj.weight" for p in ("gate", "up")]
         names += [f"{hf}self_attn.{p}_proj.{kind}" for p in "qkv" for kind in (("weight", "bias") if qkv_bias else ("weight",))]
     return names
+
+
+def tensor_parallel_unshard(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The whole megatron weight `name` from every tensor-parallel rank's piece (the inverse of
+    tensor_parallel_shard)."""
+    if name.endswith("linear_fc1.weight"):
+        gates, ups = zip(*(piece.chunk(2) for piece in pieces))
+        return torch.cat([torch.cat(gates), torch.cat(ups)])
+    if name.endswith(COLUMN_PARALLEL):
+        return torch.cat(pieces)
+    if name.endswith(ROW_PARALLEL):
+        return torch.cat(pieces, dim=1)
+    return pieces[0]
+
+
+def stage_to_model_names(state: dict[str, torch.Tensor], config: PretrainedConfig, stage: int,
+                         stages: int) -> dict[str, torch.Tensor]:
+    """A pipeline stage's weights under the whole model's names (the inverse of pipeline_stage_state): its
+    layers renumbered from the stage's first; a tied output layer (the embedding's copy on the last stage
+    of several) dropped."""
+    per_stage = config.num_hidden_layers // stages
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith("decoder.layers."):
+            index = int(name.split(".")[2])
+            name = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + stage * per_stage}.", 1)
+        elif name == "output_layer.weight" and config.tie_word_embeddings:
+            continue
+        out[name] = tensor
+    return out

@@ -16,11 +16,12 @@ from nemo_aligner.utils.logprobs import next_token_logprobs
 
 def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Batch], loss_fn: LossFn, *,
                      forward_only: bool, tp_group: dist.ProcessGroup | None, vocab_start_index: int,
-                     chunk_size: int) -> dict[str, torch.Tensor]:
+                     chunk_size: int, loss_multiplier: float = 1.0) -> dict[str, torch.Tensor]:
     """Run `loss_fn` (types.LossFn: a micro-batch's share of the global loss) on each micro-batch's per-token
-    log-probs [rows, T-1] (0 where not scored) and, unless `forward_only`, backpropagate it into the
-    parameters' .grad. Returns the loss and metric sums over the micro-batches on the last pipeline stage,
-    {} on the others. Micro-batches must share one shape (pipeline sends are sized once)."""
+    log-probs [rows, T-1] (0 where not scored) and, unless `forward_only`, backpropagate it (times
+    `loss_multiplier`: e.g. the data-parallel size where the gradient reduction averages) into the
+    parameters' gradients. Returns the loss and metric sums over the micro-batches on the last pipeline
+    stage, {} on the others. Micro-batches must share one shape (pipeline sends are sized once)."""
     shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
     if len(shapes) != 1:
         raise ValueError(f"megatron's schedules need micro-batches of one shape, got {sorted(shapes)}")
@@ -38,7 +39,8 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequenc
             for name, value in {"loss": loss, **metrics}.items():
                 value = value.detach().float()
                 totals[name] = totals[name] + value if name in totals else value
-            return loss * len(micro_batches), {}  # megatron divides by the number of micro-batches; ours is a share
+            # megatron divides by the number of micro-batches; ours is already a share
+            return loss * (len(micro_batches) * loss_multiplier), {}
 
         return logits, loss_func
 
@@ -47,3 +49,25 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequenc
                                     model=model_chunks, num_microbatches=len(micro_batches), seq_length=length,
                                     micro_batch_size=rows, forward_only=forward_only)
     return totals
+
+
+def same_length(micro_batches: Sequence[Batch], pad_token_id: int) -> list[Batch]:
+    """The micro-batches right-padded to the longest one's length (padding is neither attended to by the
+    real tokens before it nor scored), as megatron's pipeline schedules need; a scored_index, which
+    locates targets by the old length, is dropped (the log-probs here come from the whole logits)."""
+    width = max(mb["input_ids"].shape[1] for mb in micro_batches)
+    out = []
+    for mb in micro_batches:
+        pad = width - mb["input_ids"].shape[1]
+        if pad == 0:
+            out.append(mb)
+            continue
+        padded = {}
+        for name, value in mb.items():
+            if name == "scored_index":
+                continue
+            if value.dim() == 2 and value.shape[1] == width - pad:
+                value = torch.nn.functional.pad(value, (0, pad), value=pad_token_id if name == "input_ids" else 0)
+            padded[name] = value
+        out.append(padded)
+    return out

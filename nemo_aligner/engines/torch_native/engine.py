@@ -38,6 +38,7 @@ from nemo_aligner.engines.torch_native.scoring import batch_logprobs
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams
 from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed, log_rank0
 from nemo_aligner.utils.lr_schedule import build_scheduler
+from nemo_aligner.utils.offload import HostOffload
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ class TorchNativeEngine:
         self.optimizer: torch.optim.AdamW | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.generation_calls = 0
-        self._offloaded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, its host copy) while offloaded
-        self._offload_buffers: list[torch.Tensor] = []  # host buffers kept from one offload to the next
+        self._offload = HostOffload(device)  # optimizer state parked on the host while generating
         self._stashes: dict[str, dict[str, torch.Tensor]] = {}  # training weights set aside, by place
         self._checkpoint_group: dist.ProcessGroup | None = None  # asynchronous saves' own (made at the first)
         self._swapped = False
@@ -237,34 +237,17 @@ class TorchNativeEngine:
 
     # ---------------------------------------------------------- optimizer offload
     def offload_optimizer_state(self) -> None:
-        """Copy every optimizer-state tensor (and, replicated, the masters and gradient buffers) into host
-        buffers and free its device storage. The host buffers are pinned and kept for the next offload of
-        the same tensors: pinning gigabytes anew every rollout costs seconds, an asynchronous copy into
-        pinned memory runs at the link's speed."""
-        if self._offloaded or self.optimizer is None:
+        """Every optimizer-state tensor (and, replicated, the masters and gradient buffers) into host
+        memory (utils.offload.HostOffload), freeing its device storage."""
+        if self._offload.active or self.optimizer is None:
             return
         tensors = [value for state in self.optimizer.state.values() for value in state.values()]
         tensors += self.replicated.training_tensors() if self.replicated else []
-        locals_ = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-        locals_ = [t for t in locals_ if t.device.type == self.device.type and t.untyped_storage().size() > 0]
-        if [(h.shape, h.dtype) for h in self._offload_buffers] != [(t.shape, t.dtype) for t in locals_]:
-            self._offload_buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device.type == "cuda")
-                                     for t in locals_]
-        for local, host in zip(locals_, self._offload_buffers):
-            host.copy_(local.detach(), non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the host holds the state before it is freed
-        for local in locals_:
-            local.untyped_storage().resize_(0)
-        self._offloaded = list(zip(locals_, self._offload_buffers))
+        self._offload.offload([t.to_local() if isinstance(t, DTensor) else t for t in tensors])
 
     def onload_optimizer_state(self) -> None:
-        """Restore what `offload_optimizer_state` moved, bit for bit, into the same tensors (queued on the
-        device's stream: work that reads them follows it there)."""
-        for local, host in self._offloaded:
-            local.untyped_storage().resize_(host.numel() * host.element_size())
-            local.copy_(host, non_blocking=True)
-        self._offloaded = []
+        """Restore what `offload_optimizer_state` moved, bit for bit, into the same tensors."""
+        self._offload.onload()
 
     # ----------------------------------------------------------- weight buffers
     def allocate_weights(self, where: WeightPlace, *, compute_dtype: bool = False) -> dict[str, torch.Tensor]:

@@ -1,0 +1,70 @@
+"""Generation on megatron's GPTModel (one pipeline stage): every step runs the whole sequence so far, with a
+mask that hides the prompts' left padding, and samples the next token from the last position's logits
+(gathered over the tensor-parallel vocabulary slices). No KV cache: correct and simple, quadratic in the
+sequence; fast rollouts are the torch_native engine's decoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
+from nemo_aligner.engines.megatron.layout import MegatronLayout
+from nemo_aligner.engines.torch_native.generation import FINISHED_CHECK_INTERVAL, sample_next_token
+from nemo_aligner.types import Generations, LengthParams, SamplingParams
+
+
+def hidden_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool, True where a query may not look (megatron's convention): later positions and
+    padding."""
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    visible = causal[None] & attention_mask.bool()[:, None, :]
+    return ~visible[:, None]
+
+
+@torch.no_grad()
+def generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: SamplingParams,
+             length: LengthParams, eos_token_id: int, pad_token_id: int, generator: torch.Generator | None,
+             layout: MegatronLayout) -> Generations:
+    """Extend left-padded prompts `input_ids` [B, P] until EOS or `length.max_length` new tokens. Ranks
+    of one tensor-parallel group draw the same tokens (same seed, same gathered logits); data-parallel
+    ranks stop on their own and agree on the width of the output."""
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    tokens, mask = input_ids, attention_mask
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    response_lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    responses = torch.full((batch, length.max_length), pad_token_id, dtype=torch.long, device=device)
+    for step in range(length.max_length):
+        position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        with cuda_placements_on_cpu():
+            logits = module(input_ids=tokens, position_ids=position_ids, attention_mask=hidden_positions(mask))
+        logits = _whole_vocabulary(logits[:, -1].float(), layout)
+        if step < length.min_length:
+            logits[:, eos_token_id] = float("-inf")
+        uniform = None if sampling.use_greedy else torch.rand(logits.shape, generator=generator, device=device)
+        token = torch.where(finished, torch.full_like(finished, pad_token_id, dtype=torch.long),
+                            sample_next_token(logits, sampling, uniform))
+        response_lengths += (~finished).long()
+        finished |= token == eos_token_id
+        responses[:, step] = token
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if (step + 1) % FINISHED_CHECK_INTERVAL == 0 and bool(finished.all()):
+            break
+    longest = response_lengths.max().reshape(1) if batch else response_lengths.new_zeros(1)
+    if layout.dp_size > 1:
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=layout.dp_group)
+    return Generations(tokens=torch.cat([input_ids, responses[:, : int(longest)]], dim=1),
+                       prompt_lengths=attention_mask.sum(dim=-1), response_lengths=response_lengths)
+
+
+def _whole_vocabulary(logits: torch.Tensor, layout: MegatronLayout) -> torch.Tensor:
+    """[B, V / tp] logits of this rank's vocabulary slice -> [B, V]."""
+    if layout.tp_size == 1:
+        return logits
+    pieces = [torch.empty_like(logits) for _ in range(layout.tp_size)]
+    dist.all_gather(pieces, logits.contiguous(), group=layout.tp_group)
+    return torch.cat(pieces, dim=-1)

@@ -1,0 +1,45 @@
+"""Device tensors parked in host memory and brought back bit for bit (optimizer state while generating)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HostOffload:
+    """Moves tensors' contents into host buffers and frees their device storage; the tensors themselves
+    stay (views and optimizer references keep working once restored). The host buffers are pinned
+    where CUDA exists and kept for the next offload of tensors of the same shapes: pinning gigabytes
+    anew every rollout costs seconds, an asynchronous copy into pinned memory runs at the link's speed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: list[torch.Tensor] = []
+        self._moved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, its host copy) while offloaded
+
+    @property
+    def active(self) -> bool:
+        return bool(self._moved)
+
+    @property
+    def host_buffers(self) -> list[torch.Tensor]:
+        return self._buffers
+
+    def offload(self, tensors: list[torch.Tensor]) -> None:
+        """Park `tensors` (those on this device with storage; each must own its whole storage)."""
+        tensors = [t for t in tensors if t.device.type == self.device.type and t.untyped_storage().size() > 0]
+        if [(h.shape, h.dtype) for h in self._buffers] != [(t.shape, t.dtype) for t in tensors]:
+            self._buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device.type == "cuda") for t in tensors]
+        for tensor, host in zip(tensors, self._buffers):
+            host.copy_(tensor.detach(), non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the host holds the values before they are freed
+        for tensor in tensors:
+            tensor.untyped_storage().resize_(0)
+        self._moved = list(zip(tensors, self._buffers))
+
+    def onload(self) -> None:
+        """Restore what offload parked, into the same tensors (queued on the device's stream)."""
+        for tensor, host in self._moved:
+            tensor.untyped_storage().resize_(host.numel() * host.element_size())
+            tensor.copy_(host, non_blocking=True)
+        self._moved = []

@@ -1,0 +1,110 @@
+"""The megatron engine against the torch_native engine, in fp32 over the processes of one torchrun launch
+(tests/test_megatron_engine.py runs it on 2 gloo processes; on GPUs it runs over NCCL as is):
+
+  torchrun --nproc_per_node 2 tests/distributed/megatron_engine_checks.py MODEL_DIR PAIRS SFT WORKDIR \
+      [--precision fp32|bf16] [--out FILE]
+
+- DPO, 3 steps (rpo_bwd_kl + SFT term), every metric against torch_native's DP run: megatron at TP=2 with the
+  swap reference, at PP=2 with the resident one, at DP=2 with the precomputed one;
+- SPIN, 2 steps with greedy generation, megatron TP=2 against torch_native;
+- a checkpoint saved at TP=2 after 2 SFT steps, resumed at PP=2: the next 2 steps against TP=2 going on;
+- the HF export at TP=2 after those 4 steps against torch_native's export of the same 4 steps, and its
+  logits in transformers.
+Rank 0 prints one JSON line: the largest relative gap of each comparison (the test holds fp32 to 1e-5;
+bf16 gaps are for the README's validation table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from layout_checks import build, dpo_steps, resume, run_steps, save, spin_steps
+from nemo_aligner.config.schema import Precision, ReferenceStrategy
+from nemo_aligner.utils.distributed import init_distributed
+
+def gap(expected: list, got: list) -> float:
+    """The largest |a - b| / max(1, |a|) over matching numbers of two lists of records (dicts or lists)."""
+    pairs = []
+    for a, b in zip(expected, got):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), (sorted(a), sorted(b))
+            pairs += [(a[k], b[k]) for k in a]
+        else:
+            pairs += list(zip(a, b))
+    assert len(expected) == len(got) and pairs
+    return max(abs(float(x) - float(y)) / max(1.0, abs(float(x))) for x, y in pairs)
+
+
+def fresh_megatron_layout() -> None:
+    """Each layout below builds its own megatron engine, which sets up parallel_state for its sizes."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def export_gap(torch_native_dir: str, megatron_dir: str) -> float:
+    expected, got = (load_file(os.path.join(d, "model.safetensors")) for d in (torch_native_dir, megatron_dir))
+    assert expected.keys() == got.keys(), sorted(expected.keys() ^ got.keys())
+    return max((expected[k] - got[k]).abs().max().item() for k in expected)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("pairs")
+    parser.add_argument("sft")
+    parser.add_argument("workdir")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    init_distributed()
+    precision = Precision(args.precision)
+    results: dict[str, object] = {"world": dist.get_world_size(), "precision": args.precision,
+                                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    reference = dpo_steps(args.model_dir, args.pairs, 1, precision, steps=3)
+    for name, tp, pp, strategy in (("tp2", 2, 1, ReferenceStrategy.swap), ("pp2", 1, 2, ReferenceStrategy.resident),
+                                   ("dp2", 1, 1, ReferenceStrategy.precomputed)):
+        fresh_megatron_layout()
+        got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=3, reference=strategy, engine="megatron", pp=pp)
+        results[f"dpo_{name}_{strategy.value}"] = gap(reference, got)
+    spin_reference = spin_steps(args.model_dir, args.sft, 1, precision)
+    fresh_megatron_layout()
+    results["spin_tp2"] = gap(spin_reference, spin_steps(args.model_dir, args.sft, 2, precision, engine="megatron"))
+
+    checkpoints = os.path.join(args.workdir, "megatron_ckpt")
+    native = build(args.model_dir, 1, precision)
+    native_steps = run_steps(native, 0, 4)
+    native.export_hf(os.path.join(args.workdir, "export_torch_native"))
+    fresh_megatron_layout()
+    tp2 = build(args.model_dir, 2, precision, engine="megatron")
+    first = run_steps(tp2, 0, 2)
+    save(tp2, checkpoints, 2)
+    then = run_steps(tp2, 2, 4)
+    results["sft_tp2_vs_torch_native"] = gap(native_steps, first + then)
+    tp2.export_hf(os.path.join(args.workdir, "export_megatron"))
+    fresh_megatron_layout()
+    pp2 = build(args.model_dir, 1, precision, engine="megatron", pp=2)
+    results["resumed_at_step"] = resume(pp2, checkpoints)
+    results["resume_tp2_at_pp2"] = gap(then, run_steps(pp2, 2, 4))
+    if dist.get_rank() == 0:
+        results["export_max_abs_gap"] = export_gap(os.path.join(args.workdir, "export_torch_native"),
+                                                   os.path.join(args.workdir, "export_megatron"))
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(args.workdir, "export_megatron"), dtype=torch.float32)
+        results["export_loads_in_transformers"] = type(hf).__name__
+        print(json.dumps(results), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

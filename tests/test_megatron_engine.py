@@ -1,0 +1,141 @@
+"""The megatron engine (model.engine=megatron) behind GPTModel, on CPU over gloo: against the torch_native
+engine across layouts (one torchrun launch, tests/distributed/megatron_engine_checks.py), and its own
+contracts in one process (non-finite steps, weight swaps, offload, refused configurations)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterator
+
+import pytest
+import torch
+
+from helpers import FP32, make_model_dir, model_cfg, pretrained, right_padded_batch, torchrun, write_pairs, write_sft
+from nemo_aligner.config.schema import Precision, TrainerConfig
+from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+
+
+def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_path) -> None:
+    """Two gloo processes, fp32, against torch_native (data parallel): DPO at TP=2 (swap reference), PP=2
+    (resident) and DP=2 (precomputed), every metric of 3 steps; SPIN with greedy rollouts at TP=2; SFT
+    steps at TP=2; a checkpoint saved at TP=2 resumed at PP=2 going on as TP=2 did; the HF export loads
+    in transformers and equals torch_native's export of the same steps."""
+    model_dir = make_model_dir(str(tmp_path / "llama"), "llama")
+    pairs, sft = write_pairs(str(tmp_path / "pairs.jsonl"), 24), write_sft(str(tmp_path / "sft.jsonl"), 16)
+    out = torchrun(2, "tests/distributed/megatron_engine_checks.py", model_dir, pairs, sft, str(tmp_path), timeout=600)
+    results = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert results["world"] == 2 and results["resumed_at_step"] == 2
+    for name in ("dpo_tp2_swap", "dpo_pp2_resident", "dpo_dp2_precomputed", "spin_tp2", "sft_tp2_vs_torch_native",
+                 "resume_tp2_at_pp2"):
+        assert results[name] < 1e-5, (name, results)
+    assert results["export_max_abs_gap"] < 1e-5, results
+    assert results["export_loads_in_transformers"] == "LlamaForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def megatron_policy(llama_dir: str) -> Iterator[GPTModel]:
+    from megatron.core import parallel_state
+
+    policy = GPTModel(model_cfg(engine="megatron"), pretrained(llama_dir), FP32)
+    policy.setup_optimizer(max_steps=4)
+    yield policy
+    parallel_state.destroy_model_parallel()  # megatron's groups are process-wide; later tests set up their own
+
+
+def _sft_step(policy: GPTModel) -> None:
+    batch = right_padded_batch(4, 10, 48, seed=3)
+    tokens = batch["loss_mask"][:, 1:].sum()
+    policy.forward_backward(batch, lambda logprobs, mb: (
+        -(logprobs * mb["loss_mask"][:, 1:].to(logprobs.device)).sum() / tokens, {}))
+
+
+def test_a_non_finite_gradient_is_refused_before_any_weight_changes(megatron_policy: GPTModel) -> None:
+    weights = {name: p.detach().clone() for name, p in megatron_policy.engine.module.named_parameters()}
+    micro_batches = megatron_policy.micro_batches(right_padded_batch(4, 10, 48, seed=3))
+    # a finite loss (0) whose gradient is NaN: d sqrt(x) / dx at 0, times 0
+    megatron_policy.engine.forward_backward(micro_batches, lambda logprobs, mb: ((logprobs * 0).sum().sqrt(), {}),
+                                            forward_only=False)
+    with pytest.raises(FloatingPointError, match="not applied"):
+        megatron_policy.optimizer_step(1.0)
+    assert all(torch.equal(p, weights[name]) for name, p in megatron_policy.engine.module.named_parameters())
+    _sft_step(megatron_policy)  # the gradients were cleared: the next step trains
+    grad_norm, _ = megatron_policy.optimizer_step(1.0)
+    assert math.isfinite(grad_norm) and grad_norm > 0
+
+
+def test_swapped_weights_compute_with_the_buffers_and_restore_exactly(megatron_policy: GPTModel) -> None:
+    engine = megatron_policy.engine
+    batch = right_padded_batch(2, 8, 48, seed=5)
+    before = megatron_policy.get_logprobs(batch)
+    weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    zeros = {name: torch.zeros_like(t) for name, t in engine.allocate_weights("host").items()}
+    with engine.swapped_weights(zeros):
+        swapped = megatron_policy.get_logprobs(batch)
+        copied = engine.allocate_weights("host")
+        engine.copy_weights_to(copied)
+        assert all(not t.any() for t in copied.values())
+        with pytest.raises(RuntimeError, match="cannot nest"):
+            with engine.swapped_weights(zeros):
+                pass
+    assert not torch.allclose(swapped, before)
+    assert all(torch.equal(p, weights[name]) for name, p in engine.module.named_parameters())
+    assert torch.equal(megatron_policy.get_logprobs(batch), before)
+    with pytest.raises(KeyError, match="do not match"):
+        with engine.swapped_weights({"nope": torch.zeros(1)}):
+            pass
+
+
+def test_optimizer_state_offload_round_trip_is_bit_exact(megatron_policy: GPTModel) -> None:
+    _sft_step(megatron_policy)
+    megatron_policy.optimizer_step(1.0)
+    from nemo_aligner.engines.megatron.weights_io import optimizer_tensors
+
+    states = optimizer_tensors(megatron_policy.engine.optimizer)
+    before = [t.clone() for t in states]
+    megatron_policy.engine.offload_optimizer_state()
+    assert states and all(t.untyped_storage().size() == 0 for t in states)
+    megatron_policy.engine.onload_optimizer_state()
+    assert all(torch.equal(a, b) for a, b in zip(before, states))
+
+
+def test_describe_counts_every_distinct_weight(megatron_policy: GPTModel, llama_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert megatron_policy.engine.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert "megatron-core" in megatron_policy.engine.describe() and "tp=1 pp=1" in megatron_policy.engine.describe()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(precision=Precision.bf16_pure), "bf16_pure is a torch_native mode"),
+    (dict(tensor_model_parallel_size=3), "must divide the world size"),
+])
+def test_layouts_and_modes_the_engine_cannot_run_are_refused_by_key(llama_dir: str, change: dict, message: str) -> None:
+    trainer = TrainerConfig(devices=1, num_nodes=1, precision=change.pop("precision", Precision.fp32))
+    with pytest.raises(ValueError, match=message):
+        GPTModel(model_cfg(engine="megatron", **change), pretrained(llama_dir), trainer)
+
+
+def test_generation_hides_the_left_padding_and_the_future() -> None:
+    from nemo_aligner.engines.megatron.generation import hidden_positions
+
+    hidden = hidden_positions(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert hidden.shape == (2, 1, 3, 3)
+    assert hidden[0, 0].tolist() == [[True, True, True], [True, False, True], [True, False, False]]
+    assert hidden[1, 0].tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+
+
+def test_tensor_parallel_pieces_and_pipeline_stages_reassemble_the_whole_model(llama_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from nemo_aligner.engines.megatron.convert import (hf_to_megatron, pipeline_stage_state, stage_to_model_names,
+                                                       tensor_parallel_shard, tensor_parallel_unshard)
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    whole = hf_to_megatron(hf.state_dict(), hf.config)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor_parallel_unshard(name, [tensor_parallel_shard(name, tensor, r, 2) for r in range(2)]), tensor)
+    stages = [stage_to_model_names(pipeline_stage_state(whole, hf.config, s, 2), hf.config, s, 2) for s in range(2)]
+    assert {name: t for stage in stages for name, t in stage.items()}.keys() == whole.keys()
+    assert all(torch.equal(stage[name], whole[name]) for stage in stages for name in stage)
