@@ -30,3 +30,16 @@ def test_an_entry_script_runs_from_outside_the_repository(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out task_accuracy after 1 rejection sampling steps" in proc.stdout + proc.stderr
     assert (tmp_path / "results" / "rs" / "metrics.jsonl").is_file()
+
+
+def test_spin_runs_on_the_megatron_engine_from_its_entry_script(tmp_path) -> None:
+    """model.engine=megatron through the whole user path: config, rollouts, training, checkpoint, HF export."""
+    script = os.path.join(REPO, "examples", "nlp", "gpt", "train_gpt_spin.py")
+    proc = subprocess.run([sys.executable, script, "model.engine=megatron", "trainer.spin.max_steps=2",
+                           "trainer.spin.save_interval=2", "trainer.precision=fp32", "task_eval.limit=8",
+                           f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "megatron-core" in proc.stdout + proc.stderr  # the engine line of the log
+    assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()
+    assert (tmp_path / "run" / "hf_model" / "config.json").is_file()

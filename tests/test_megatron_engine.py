@@ -17,8 +17,9 @@ from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
 
 def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_path) -> None:
-    """Two gloo processes, fp32, against torch_native (data parallel): DPO at TP=2 (swap reference), PP=2
-    (resident) and DP=2 (precomputed), every metric of 3 steps; SPIN with greedy rollouts at TP=2; SFT
+    """Two gloo processes, fp32, against torch_native (data parallel): DPO at TP=2 (swap reference), TP=2 with
+    sequence parallelism (precomputed), PP=2 (resident) and DP=2 (precomputed), every metric of 3 steps;
+    SPIN with greedy rollouts at TP=2, with and without sequence parallelism; SFT
     steps at TP=2; a checkpoint saved at TP=2 resumed at PP=2 going on as TP=2 did; the HF export loads
     in transformers and equals torch_native's export of the same steps."""
     model_dir = make_model_dir(str(tmp_path / "llama"), "llama")
@@ -26,8 +27,8 @@ def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_p
     out = torchrun(2, "tests/distributed/megatron_engine_checks.py", model_dir, pairs, sft, str(tmp_path), timeout=600)
     results = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert results["world"] == 2 and results["resumed_at_step"] == 2
-    for name in ("dpo_tp2_swap", "dpo_pp2_resident", "dpo_dp2_precomputed", "spin_tp2", "sft_tp2_vs_torch_native",
-                 "resume_tp2_at_pp2"):
+    for name in ("dpo_tp2_swap", "dpo_tp2_sequence_parallel_precomputed", "dpo_pp2_resident", "dpo_dp2_precomputed",
+                 "spin_tp2", "spin_tp2_sequence_parallel", "sft_tp2_vs_torch_native", "resume_tp2_at_pp2"):
         assert results[name] < 1e-5, (name, results)
     assert results["export_max_abs_gap"] < 1e-5, results
     assert results["export_loads_in_transformers"] == "LlamaForCausalLM"
@@ -110,19 +111,37 @@ def test_describe_counts_every_distinct_weight(megatron_policy: GPTModel, llama_
 @pytest.mark.parametrize("change, message", [
     (dict(precision=Precision.bf16_pure), "bf16_pure is a torch_native mode"),
     (dict(tensor_model_parallel_size=3), "must divide the world size"),
+    (dict(sequence_parallel=True), "sequence_parallel=true needs model.tensor_model_parallel_size > 1"),
+    (dict(engine="torch_native", sequence_parallel=True), "sequence_parallel=true needs model.engine=megatron"),
 ])
 def test_layouts_and_modes_the_engine_cannot_run_are_refused_by_key(llama_dir: str, change: dict, message: str) -> None:
     trainer = TrainerConfig(devices=1, num_nodes=1, precision=change.pop("precision", Precision.fp32))
     with pytest.raises(ValueError, match=message):
-        GPTModel(model_cfg(engine="megatron", **change), pretrained(llama_dir), trainer)
+        GPTModel(model_cfg(**{"engine": "megatron", **change}), pretrained(llama_dir), trainer)
 
 
-def test_generation_hides_the_left_padding_and_the_future() -> None:
+def test_o1_mixed_precision_is_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="model.megatron_amp_O2=False is invalid"):
+        model_cfg(megatron_amp_O2=False)
+
+
+def test_a_sliding_window_shorter_than_the_sequences_is_refused(tmp_path) -> None:
+    from transformers import AutoConfig
+
+    mistral = make_model_dir(str(tmp_path / "mistral"), "mistral")
+    window = AutoConfig.from_pretrained(mistral).sliding_window
+    if not window:
+        pytest.skip("the tiny mistral config has no sliding window")
+    with pytest.raises(ValueError, match="no sliding-window attention"):
+        GPTModel(model_cfg(engine="megatron", encoder_seq_length=window + 1), pretrained(mistral), FP32)
+
+
+def test_generation_hides_the_left_padding_and_the_future_from_every_real_token() -> None:
     from nemo_aligner.engines.megatron.generation import hidden_positions
 
     hidden = hidden_positions(torch.tensor([[0, 1, 1], [1, 1, 1]]))
     assert hidden.shape == (2, 1, 3, 3)
-    assert hidden[0, 0].tolist() == [[True, True, True], [True, False, True], [True, False, False]]
+    assert hidden[0, 0].tolist() == [[False, True, True], [True, False, True], [True, False, False]]  # pad sees itself
     assert hidden[1, 0].tolist() == [[False, True, True], [False, False, True], [False, False, False]]
 
 

@@ -130,6 +130,13 @@ class ModelConfig:
     global_batch_size: int = 8  # examples per optimizer step over all ranks
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Megatron's sequence parallelism (model.engine=megatron with tensor_model_parallel_size > 1): the
+    # activations between the tensor-parallel blocks are split along the sequence over the TP ranks
+    sequence_parallel: bool = False
+    # NeMo-Aligner's O2 mixed precision: under trainer.precision=bf16, bf16 weights with fp32 master
+    # weights and optimizer state inside the optimizer, as both engines train; false (O1: fp32 weights
+    # under bf16 autocast) is not implemented
+    megatron_amp_O2: bool = True
     # How data-parallel ranks hold the model (torch_native): replicate (each rank the whole model,
     # one fp32 gradient all-reduce per step; fastest when it fits) | fsdp (FSDP2 shards weights,
     # gradients and optimizer state) | auto (replicate when the training state, 18 bytes per parameter,
@@ -156,6 +163,8 @@ class ModelConfig:
         if self.activations_checkpoint_num_layers is not None:
             require(self.activations_checkpoint_num_layers >= 1, "model.activations_checkpoint_num_layers",
                     self.activations_checkpoint_num_layers, "null or >= 1")
+        require(self.megatron_amp_O2, "model.megatron_amp_O2", self.megatron_amp_O2,
+                "true (bf16 trains with fp32 master weights in the optimizer; O1 autocast is not implemented)")
         for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
                     "pipeline_model_parallel_size", "encoder_seq_length", "log_prob_chunk_size"):
             require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), ">= 1")

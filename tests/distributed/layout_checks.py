@@ -74,11 +74,12 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
 
 def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
               reference: ReferenceStrategy = ReferenceStrategy.swap, packing: bool = False,
-              loss: str = "rpo_bwd_kl", engine: str = "torch_native", pp: int = 1) -> list[dict[str, float]]:
+              loss: str = "rpo_bwd_kl", engine: str = "torch_native", pp: int = 1,
+              sequence_parallel: bool = False) -> list[dict[str, float]]:
     """Metrics of `steps` DPO steps (`loss` + SFT term) on the pairs in `data`, with the reference
     held by `reference` (precomputed: one pass first, cached beside the data), packed or padded, on
     `engine` with `pp` pipeline stages."""
-    cfg = DPOModelConfig(engine=engine, pipeline_model_parallel_size=pp,
+    cfg = DPOModelConfig(engine=engine, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
                          micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
                          encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
                          dpo=DPOLossConfig(preference_loss=loss, sft_loss_weight=0.5,
@@ -90,7 +91,7 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
     policy.setup_optimizer(max_steps=steps)
     loader = build_preference_loader(data, shuffle=True, micro_batch_size=cfg.micro_batch_size, **loader_args(policy, cfg))
     if isinstance(policy.reference, PrecomputedReference):
-        policy.reference.precompute_into(loader.dataset, name=f"layout-{engine}-tp{tp}-pp{pp}", cache_dir=os.path.dirname(data) + "/cache",
+        policy.reference.precompute_into(loader.dataset, name=f"layout-{engine}-tp{tp}-pp{pp}-sp{int(sequence_parallel)}", cache_dir=os.path.dirname(data) + "/cache",
                                          pairs_per_forward=3, collate=loader.collate, score=policy.sequence_logps)
     records = []
     for _ in range(steps):
@@ -101,10 +102,10 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
 
 
 def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
-               packing: bool = False, engine: str = "torch_native") -> list[dict[str, float]]:
+               packing: bool = False, engine: str = "torch_native", sequence_parallel: bool = False) -> list[dict[str, float]]:
     """Metrics of `steps` SPIN steps with greedy generation (sampling is seeded per data-parallel
     rank, so only greedy generations are layout-independent) on `engine`."""
-    cfg = SPINModelConfig(engine=engine, micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
+    cfg = SPINModelConfig(engine=engine, sequence_parallel=sequence_parallel, micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
                           encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
                           spin=SPINConfig(ref_policy_kl_penalty=0.4, rollout_micro_batch_size=1,
                                           sampling_params=SamplingParams(use_greedy=True),

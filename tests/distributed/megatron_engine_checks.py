@@ -5,8 +5,9 @@
       [--precision fp32|bf16] [--out FILE]
 
 - DPO, 3 steps (rpo_bwd_kl + SFT term), every metric against torch_native's DP run: megatron at TP=2 with the
-  swap reference, at PP=2 with the resident one, at DP=2 with the precomputed one;
-- SPIN, 2 steps with greedy generation, megatron TP=2 against torch_native;
+  swap reference, at TP=2 with sequence parallelism and the precomputed one, at PP=2 with the resident
+  one, at DP=2 with the precomputed one;
+- SPIN, 2 steps with greedy generation, megatron TP=2 (and with sequence parallelism) against torch_native;
 - a checkpoint saved at TP=2 after 2 SFT steps, resumed at PP=2: the next 2 steps against TP=2 going on;
 - the HF export at TP=2 after those 4 steps against torch_native's export of the same 4 steps, and its
   logits in transformers.
@@ -69,14 +70,20 @@ def main() -> None:
     results: dict[str, object] = {"world": dist.get_world_size(), "precision": args.precision,
                                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     reference = dpo_steps(args.model_dir, args.pairs, 1, precision, steps=3)
-    for name, tp, pp, strategy in (("tp2", 2, 1, ReferenceStrategy.swap), ("pp2", 1, 2, ReferenceStrategy.resident),
-                                   ("dp2", 1, 1, ReferenceStrategy.precomputed)):
+    for name, tp, pp, strategy, sp in (("tp2", 2, 1, ReferenceStrategy.swap, False),
+                                       ("tp2_sequence_parallel", 2, 1, ReferenceStrategy.precomputed, True),
+                                       ("pp2", 1, 2, ReferenceStrategy.resident, False),
+                                       ("dp2", 1, 1, ReferenceStrategy.precomputed, False)):
         fresh_megatron_layout()
-        got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=3, reference=strategy, engine="megatron", pp=pp)
+        got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=3, reference=strategy, engine="megatron", pp=pp,
+                        sequence_parallel=sp)
         results[f"dpo_{name}_{strategy.value}"] = gap(reference, got)
     spin_reference = spin_steps(args.model_dir, args.sft, 1, precision)
     fresh_megatron_layout()
     results["spin_tp2"] = gap(spin_reference, spin_steps(args.model_dir, args.sft, 2, precision, engine="megatron"))
+    fresh_megatron_layout()
+    results["spin_tp2_sequence_parallel"] = gap(spin_reference, spin_steps(args.model_dir, args.sft, 2, precision,
+                                                                           engine="megatron", sequence_parallel=True))
 
     checkpoints = os.path.join(args.workdir, "megatron_ckpt")
     native = build(args.model_dir, 1, precision)

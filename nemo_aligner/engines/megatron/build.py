@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.module import MegatronModule
 from transformers import PretrainedConfig
 
@@ -67,14 +68,32 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
 
-def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype, pipeline_stages: int = 1) -> GPTModel:
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm in megatron's norm slots (megatron's own torch wrapper refuses sequence parallelism
+    without TransformerEngine or apex). Under sequence parallelism each tensor-parallel rank normalises
+    its share of the sequence, so the weight is marked for megatron's finalize_model_grads, which then
+    sums its gradient over those ranks."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused: object) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype, pipeline_stages: int = 1,
+                    sequence_parallel: bool = False) -> GPTModel:
     """megatron-core's GPTModel for `config` (random weights; convert.hf_to_megatron fills them), on the CPU:
     with `pipeline_stages` > 1, this rank's stage (its share of the layers; the embedding on the first
-    stage, the final norm and output layer on the last), as megatron's parallel_state places it."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    stage, the final norm and output layer on the last), as megatron's parallel_state places it; with
+    `sequence_parallel`, activations outside the tensor-parallel blocks split along the sequence."""
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
+    spec = TransformerBlockSubmodules(layer_specs=[layer] * (config.num_hidden_layers // pipeline_stages),
+                                      layer_norm=RMSNorm)
     transformer = transformer_config(config, dtype=dtype)
     transformer.pipeline_model_parallel_size = pipeline_stages
+    transformer.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    transformer.sequence_parallel = sequence_parallel
     transformer.pipeline_dtype = dtype
     with cuda_placements_on_cpu():
         return GPTModel(transformer, spec, vocab_size=config.vocab_size,

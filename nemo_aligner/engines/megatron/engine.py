@@ -23,6 +23,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.tensor_parallel.random import initialize_rng_tracker
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
@@ -61,7 +62,11 @@ class MegatronEngine:
         self.chunk_size = log_prob_chunk_size
         self.data_parallel = DataParallel(rank=layout.dp_rank, size=layout.dp_size)
         self.model_parallel_group = layout.model_parallel_group
-        self.module = build_gpt_model(hf_config, dtype=compute_dtype, pipeline_stages=layout.pp_size)
+        # dropout is 0 throughout (policy and reference log-probs must be deterministic), so megatron's RNG
+        # tracker forks nothing: its no-op (inference) tracker, which also needs no CUDA RNG to seed
+        initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+        self.module = build_gpt_model(hf_config, dtype=compute_dtype, pipeline_stages=layout.pp_size,
+                                      sequence_parallel=layout.sequence_parallel)
         full = weights_io.hf_state(hf_config, restore_from_path, seed)
         self._num_parameters = weights_io.num_parameters(full, hf_config)
         weights_io.load_local(self.module, full, hf_config, layout)
@@ -85,7 +90,7 @@ class MegatronEngine:
         layout = self.layout
         return (f"{type(self.module).__name__} (megatron-core) of {self.hf_config.model_type}: "
                 f"{self._num_parameters / 1e6:.1f}M parameters, dp={layout.dp_size} tp={layout.tp_size} "
-                f"pp={layout.pp_size}, {name} compute, fp32 main weights in the distributed optimizer")
+                f"pp={layout.pp_size}{' (sequence parallel)' if layout.sequence_parallel else ''}, {name} compute, fp32 main weights in the distributed optimizer")
 
     def num_parameters(self) -> int:
         return self._num_parameters
@@ -104,7 +109,7 @@ class MegatronEngine:
         the global mean; megatron's DDP averages gradients over data-parallel ranks, so the engine scales
         the backward by their number to make that reduction a sum. The sums are broadcast from the last
         stage to every rank of the model-parallel group."""
-        micro_batches = same_length(micro_batches, self.tokenizer.pad_token_id)
+        micro_batches = same_length(micro_batches, self.tokenizer.pad_token_id, self.layout.sequence_multiple)
         context = torch.no_grad() if forward_only else contextlib.nullcontext()
         with context:
             sums = forward_backward([self.ddp], micro_batches, loss_fn, forward_only=forward_only,
@@ -117,7 +122,7 @@ class MegatronEngine:
     @torch.no_grad()
     def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         width = max(mb["input_ids"].shape[1] for mb in micro_batches)
-        padded = same_length(micro_batches, self.tokenizer.pad_token_id)
+        padded = same_length(micro_batches, self.tokenizer.pad_token_id, self.layout.sequence_multiple)
         pieces: list[torch.Tensor] = []
 
         def keep(logprobs: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -310,7 +315,12 @@ def build_megatron_engine(model: ModelConfig, pretrained: PretrainedCheckpointCo
         if data.packing:
             raise ValueError("model.data.packing=true is not supported with model.engine=megatron yet; set it to false")
         data.packing = False
-    layout = check_layout(hf_config, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
+    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None
+    if window and window < model.encoder_seq_length:
+        raise ValueError(f"model.engine=megatron has no sliding-window attention: {hf_config.model_type}'s window of "
+                         f"{window} tokens is shorter than model.encoder_seq_length={model.encoder_seq_length}")
+    layout = check_layout(hf_config, model.tensor_model_parallel_size, model.pipeline_model_parallel_size,
+                          sequence_parallel=model.sequence_parallel)
     tokenizer_path = pretrained.tokenizer_path or pretrained.restore_from_path
     if tokenizer_path is None:
         raise ValueError("pretrained_checkpoint.tokenizer_path must be set when the model is built from model_config")

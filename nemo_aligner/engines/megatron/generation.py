@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
@@ -17,10 +18,12 @@ from nemo_aligner.types import Generations, LengthParams, SamplingParams
 
 def hidden_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, 1, S, S] bool, True where a query may not look (megatron's convention): later positions and
-    padding."""
+    padding. A padding position sees itself, so that no query row is wholly hidden (which some attention
+    kernels turn into NaN); no real token ever sees it."""
     length = attention_mask.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    visible = causal[None] & attention_mask.bool()[:, None, :]
+    itself = torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+    visible = (causal[None] & attention_mask.bool()[:, None, :]) | itself
     return ~visible[:, None]
 
 
@@ -38,9 +41,13 @@ def generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     response_lengths = torch.zeros(batch, dtype=torch.long, device=device)
     responses = torch.full((batch, length.max_length), pad_token_id, dtype=torch.long, device=device)
     for step in range(length.max_length):
-        position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        ids, attend = tokens, mask
+        pad = -tokens.shape[1] % layout.sequence_multiple  # sequence parallelism splits the sequence evenly
+        if pad:
+            ids, attend = F.pad(tokens, (pad, 0), value=pad_token_id), F.pad(mask, (pad, 0), value=0)
+        position_ids = (attend.cumsum(dim=-1) - 1).clamp(min=0)
         with cuda_placements_on_cpu():
-            logits = module(input_ids=tokens, position_ids=position_ids, attention_mask=hidden_positions(mask))
+            logits = module(input_ids=ids, position_ids=position_ids, attention_mask=hidden_positions(attend))
         logits = _whole_vocabulary(logits[:, -1].float(), layout)
         if step < length.min_length:
             logits[:, eos_token_id] = float("-inf")

@@ -28,6 +28,12 @@ class MegatronLayout:
     model_parallel_group: dist.ProcessGroup | None
     last_stage_rank: int  # the global rank of this rank's pipeline's last stage
     vocab_start_index: int  # the first vocabulary entry of this rank's slice of the output layer
+    sequence_parallel: bool
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What a sequence's length must divide by: the TP ranks' shares of it under sequence parallelism."""
+        return self.tp_size if self.sequence_parallel else 1
 
     @property
     def is_last_stage(self) -> bool:
@@ -48,7 +54,7 @@ class MegatronLayout:
         return tensor
 
 
-def check_layout(config: PretrainedConfig, tp: int, pp: int) -> MegatronLayout:
+def check_layout(config: PretrainedConfig, tp: int, pp: int, *, sequence_parallel: bool = False) -> MegatronLayout:
     """Fail early, naming the config key, if `tp` x `pp` cannot split this world and this model; then set up
     (or, in a process that already has it, reuse) megatron's parallel_state for it."""
     world = dist.get_world_size()
@@ -63,6 +69,7 @@ def check_layout(config: PretrainedConfig, tp: int, pp: int) -> MegatronLayout:
                                       f"({config.vocab_size} entries)"),
         (config.num_hidden_layers % pp == 0, f"model.pipeline_model_parallel_size={pp} must divide the "
                                              f"{config.num_hidden_layers} layers"),
+        (not sequence_parallel or tp > 1, "model.sequence_parallel=true needs model.tensor_model_parallel_size > 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -82,4 +89,4 @@ def check_layout(config: PretrainedConfig, tp: int, pp: int) -> MegatronLayout:
         dp_group=parallel_state.get_data_parallel_group(),
         model_parallel_group=parallel_state.get_model_parallel_group() if tp * pp > 1 else None,
         last_stage_rank=parallel_state.get_pipeline_model_parallel_last_rank(),
-        vocab_start_index=tp_rank * config.vocab_size // tp)
+        vocab_start_index=tp_rank * config.vocab_size // tp, sequence_parallel=sequence_parallel)

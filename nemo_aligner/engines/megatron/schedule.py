@@ -51,11 +51,12 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequenc
     return totals
 
 
-def same_length(micro_batches: Sequence[Batch], pad_token_id: int) -> list[Batch]:
-    """The micro-batches right-padded to the longest one's length (padding is neither attended to by the
-    real tokens before it nor scored), as megatron's pipeline schedules need; a scored_index, which
-    locates targets by the old length, is dropped (the log-probs here come from the whole logits)."""
-    width = max(mb["input_ids"].shape[1] for mb in micro_batches)
+def same_length(micro_batches: Sequence[Batch], pad_token_id: int, multiple: int = 1) -> list[Batch]:
+    """The micro-batches right-padded to the longest one's length rounded up to `multiple` (sequence
+    parallelism splits the sequence evenly), as megatron's pipeline schedules need; padding is neither
+    attended to by the real tokens before it nor scored. A scored_index, which locates targets by the old
+    length, is dropped (the log-probs here come from the whole logits)."""
+    width = -(-max(mb["input_ids"].shape[1] for mb in micro_batches) // multiple) * multiple
     out = []
     for mb in micro_batches:
         pad = width - mb["input_ids"].shape[1]

@@ -355,6 +355,9 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
     """Check the layout against the launch and the model, then build the engine (the registry's
     `torch_native`): FSDP2 over dp, DTensor tensor parallel over tp, bf16 or fp32 compute."""
     check_no_pipeline(model.pipeline_model_parallel_size)
+    if model.sequence_parallel:
+        raise ValueError("model.sequence_parallel=true needs model.engine=megatron: the torch_native engine has no "
+                         "sequence parallelism")
     device = init_distributed()
     check_world_size(trainer.devices, trainer.num_nodes, dist.get_world_size())
     hf_config = load_hf_config(pretrained.restore_from_path, pretrained.model_config)
