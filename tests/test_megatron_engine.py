@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Iterator
 
 import pytest
@@ -158,3 +159,57 @@ def test_tensor_parallel_pieces_and_pipeline_stages_reassemble_the_whole_model(l
     stages = [stage_to_model_names(pipeline_stage_state(whole, hf.config, s, 2), hf.config, s, 2) for s in range(2)]
     assert {name: t for stage in stages for name, t in stage.items()}.keys() == whole.keys()
     assert all(torch.equal(stage[name], whole[name]) for stage in stages for name in stage)
+
+
+def test_qwen2_with_its_qkv_bias_and_untied_head_scores_and_steps_as_on_torch_native(qwen2_dir: str) -> None:
+    """One process, fp32: the same per-token log-probs, SFT loss and gradient norm on both engines, and
+    the same log-probs after the step (the bias and the separate output layer convert and train)."""
+    from megatron.core import parallel_state
+
+    batch = right_padded_batch(4, 10, 48, seed=8)
+    tokens = batch["loss_mask"][:, 1:].sum()
+
+    def sft(logprobs: torch.Tensor, mb: dict) -> tuple[torch.Tensor, dict]:
+        return -(logprobs * mb["loss_mask"][:, 1:].to(logprobs.device)).sum() / tokens, {}
+
+    results = []
+    for engine in ("torch_native", "megatron"):
+        policy = GPTModel(model_cfg(engine=engine), pretrained(qwen2_dir), FP32)
+        policy.setup_optimizer(max_steps=2)
+        before = policy.get_logprobs(batch)
+        loss = policy.forward_backward(batch, sft)["loss"]
+        grad_norm, _ = policy.optimizer_step(1.0)
+        results.append((before, loss, grad_norm, policy.get_logprobs(batch)))
+    parallel_state.destroy_model_parallel()
+    (before_a, loss_a, norm_a, after_a), (before_b, loss_b, norm_b, after_b) = results
+    torch.testing.assert_close(before_b, before_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    assert abs(norm_b - norm_a) <= 1e-5 * norm_a
+    torch.testing.assert_close(after_b, after_a, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after_a, before_a)
+
+
+def test_a_sharded_hf_directory_loads_tensor_by_tensor_into_the_same_model(llama_dir: str, tmp_path) -> None:
+    """A checkpoint in several safetensors files with an index: every weight made from tensors read one at a
+    time, each tensor read once; the model scores as the torch_native engine's load of it does."""
+    from megatron.core import parallel_state
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_aligner.engines.megatron.weights_io import HFSource
+
+    sharded = str(tmp_path / "sharded")
+    AutoModelForCausalLM.from_pretrained(llama_dir).save_pretrained(sharded, max_shard_size="20KB")
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(sharded)
+    assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    reads: list[str] = []
+    original = HFSource.read
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HFSource, "read", lambda self, name: reads.append(name) or original(self, name))
+        megatron = GPTModel(model_cfg(engine="megatron"), pretrained(sharded), FP32)
+    assert len(reads) == len(set(reads)) and "model.layers.1.mlp.up_proj.weight" in reads
+    batch = right_padded_batch(2, 8, 48, seed=6)
+    native = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
+    try:
+        torch.testing.assert_close(megatron.get_logprobs(batch), native.get_logprobs(batch), rtol=1e-5, atol=1e-5)
+    finally:
+        parallel_state.destroy_model_parallel()

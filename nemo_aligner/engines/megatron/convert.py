@@ -17,6 +17,9 @@ Both directions are exact (pure reindexing), so a round trip returns the same te
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from transformers import PretrainedConfig
 
@@ -55,27 +58,40 @@ def split_qkv(qkv: torch.Tensor, config: PretrainedConfig) -> tuple[torch.Tensor
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def hf_to_megatron(state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
-    """A Hugging Face causal-LM state dict -> megatron GPTModel's (every tensor accounted for)."""
-    out = {"embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": state["model.norm.weight"]}
+def conversions(config: PretrainedConfig, read: Callable[[str], torch.Tensor], *,
+                qkv_bias: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every megatron weight name -> how to make it from Hugging Face tensors that `read(name)` returns:
+    nothing is read until a weight is made, so a rank makes only the weights it holds."""
+    out: dict[str, Callable[[], torch.Tensor]] = {
+        "embedding.word_embeddings.weight": functools.partial(read, "model.embed_tokens.weight"),
+        "decoder.final_layernorm.weight": functools.partial(read, "model.norm.weight")}
     if not config.tie_word_embeddings:
-        out["output_layer.weight"] = state["lm_head.weight"]
+        out["output_layer.weight"] = functools.partial(read, "lm_head.weight")
     for i in range(config.num_hidden_layers):
         hf, mg = HF_LAYER.format(i), MEGATRON_LAYER.format(i)
         for hf_name, mg_name in RENAMED.items():
-            out[mg + mg_name] = state[hf + hf_name]
+            out[mg + mg_name] = functools.partial(read, hf + hf_name)
         attn = hf + "self_attn."
-        out[mg + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            *(state[f"{attn}{p}_proj.weight"] for p in "qkv"), config)
-        if f"{attn}q_proj.bias" in state:
-            out[mg + "self_attention.linear_qkv.bias"] = fuse_qkv(*(state[f"{attn}{p}_proj.bias"] for p in "qkv"), config)
-        out[mg + "mlp.linear_fc1.weight"] = torch.cat([state[hf + "mlp.gate_proj.weight"], state[hf + "mlp.up_proj.weight"]])
-    used = set(_hf_names(config, qkv_bias=f"{HF_LAYER.format(0)}self_attn.q_proj.bias" in state))
-    unused = sorted(set(state) - used)
+        for kind in ("weight", "bias") if qkv_bias else ("weight",):
+            out[f"{mg}self_attention.linear_qkv.{kind}"] = functools.partial(
+                lambda attn, kind: fuse_qkv(*(read(f"{attn}{p}_proj.{kind}") for p in "qkv"), config), attn, kind)
+        out[mg + "mlp.linear_fc1.weight"] = functools.partial(
+            lambda hf: torch.cat([read(hf + "mlp.gate_proj.weight"), read(hf + "mlp.up_proj.weight")]), hf)
+    return out
+
+
+def check_all_converted(names: set[str], config: PretrainedConfig, *, qkv_bias: bool) -> None:
+    """Raise unless every Hugging Face tensor name has a megatron counterpart."""
+    unused = sorted(names - set(_hf_names(config, qkv_bias=qkv_bias)))
     if unused:
         raise ValueError(f"Hugging Face weights with no megatron counterpart: {unused[:5]}")
-    return out
+
+
+def hf_to_megatron(state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """A Hugging Face causal-LM state dict -> megatron GPTModel's (every tensor accounted for)."""
+    qkv_bias = f"{HF_LAYER.format(0)}self_attn.q_proj.bias" in state
+    check_all_converted(set(state), config, qkv_bias=qkv_bias)
+    return {name: make() for name, make in conversions(config, state.__getitem__, qkv_bias=qkv_bias).items()}
 
 
 def megatron_to_hf(state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:

@@ -67,10 +67,9 @@ class MegatronEngine:
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         self.module = build_gpt_model(hf_config, dtype=compute_dtype, pipeline_stages=layout.pp_size,
                                       sequence_parallel=layout.sequence_parallel)
-        full = weights_io.hf_state(hf_config, restore_from_path, seed)
-        self._num_parameters = weights_io.num_parameters(full, hf_config)
-        weights_io.load_local(self.module, full, hf_config, layout)
-        del full
+        source = weights_io.HFSource.open(hf_config, restore_from_path, seed)
+        self._num_parameters = weights_io.num_parameters(source, hf_config)
+        weights_io.load_local(self.module, source, hf_config, layout)
         self.module.to(device).eval()  # dropout is 0 in the config; eval keeps every path deterministic
         with cuda_placements_on_cpu():
             self.ddp = DistributedDataParallel(

@@ -1,12 +1,15 @@
-"""Hugging Face weights in and out of the megatron engine: the HF state read (or randomly initialised as the
-torch_native engine initialises it, from the same seed), converted and cut into this rank's pipeline
-stage and tensor-parallel slice; the whole model gathered back, converted and written as an HF directory."""
+"""Hugging Face weights in and out of the megatron engine: each weight of this rank's pipeline stage made from
+the HF tensors it needs (read one at a time, or randomly initialised as the torch_native engine
+initialises them, from the same seed) and cut to this rank's tensor-parallel slice; the whole model
+gathered back, converted and written as an HF directory."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import glob
+import json
+import math
 import os
 import shutil
 from typing import Callable, Iterator
@@ -15,54 +18,90 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
 from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from nemo_aligner.engines.megatron.convert import (hf_to_megatron, megatron_to_hf, pipeline_stage_state,
+from nemo_aligner.engines.megatron.convert import (HF_LAYER, check_all_converted, conversions, megatron_to_hf,
                                                    stage_to_model_names, tensor_parallel_shard, tensor_parallel_unshard)
 from nemo_aligner.engines.megatron.layout import MegatronLayout
 
 
-def hf_state(config: PretrainedConfig, restore_from_path: str | None, seed: int) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights under transformers' names: read from the safetensors of
-    `restore_from_path` (through transformers where it has none), or initialised by transformers from
-    `seed` (the torch_native engine's random init, so both engines start from the same weights)."""
-    if restore_from_path is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
-    files = sorted(glob.glob(os.path.join(restore_from_path, "*.safetensors")))
-    if not files:
-        return AutoModelForCausalLM.from_pretrained(restore_from_path, dtype=torch.float32,
-                                                    local_files_only=True).state_dict()
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update({name: tensor.float() for name, tensor in load_file(file).items()})
-    if config.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    return state
+class HFSource:
+    """A Hugging Face model's tensors by transformers' names, read one at a time (fp32) when asked for:
+    from a directory's safetensors (its index, else the files' headers, say where each one is), or from
+    a state dict already in memory."""
+
+    def __init__(self, files: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+        self._files = files or {}
+        self._state = state or {}
+        self.names = set(self._files) | set(self._state)
+
+    @classmethod
+    def open(cls, config: PretrainedConfig, restore_from_path: str | None, seed: int) -> "HFSource":
+        """The weights of `restore_from_path` (through transformers where it has no safetensors), or
+        transformers' random init from `seed`: the torch_native engine's, so both start from the same."""
+        if restore_from_path is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return cls(state=AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict())
+        index = os.path.join(restore_from_path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            return cls(files={name: os.path.join(restore_from_path, file) for name, file in weight_map.items()})
+        files = sorted(glob.glob(os.path.join(restore_from_path, "*.safetensors")))
+        if not files:
+            return cls(state=AutoModelForCausalLM.from_pretrained(restore_from_path, dtype=torch.float32,
+                                                                  local_files_only=True).state_dict())
+        located = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                located.update({name: file for name in f.keys()})
+        return cls(files=located)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and name not in self.names:  # tied: transformers saves the embedding only
+            name = "model.embed_tokens.weight"
+        if name in self._state:
+            return self._state[name].float()
+        with safe_open(self._files[name], framework="pt") as f:
+            return f.get_tensor(name).float()
+
+    def numel(self, name: str) -> int:
+        if name in self._state:
+            return self._state[name].numel()
+        with safe_open(self._files[name], framework="pt") as f:
+            return math.prod(f.get_slice(name).get_shape())
 
 
-def num_parameters(state: dict[str, torch.Tensor], config: PretrainedConfig) -> int:
+def num_parameters(source: HFSource, config: PretrainedConfig) -> int:
     """Elements of the model's distinct weights (a tied output layer counted once)."""
-    tied = config.tie_word_embeddings and "lm_head.weight" in state
-    return sum(t.numel() for t in state.values()) - (state["lm_head.weight"].numel() if tied else 0)
+    names = source.names - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    return sum(source.numel(name) for name in names)
 
 
-def load_local(module: nn.Module, state: dict[str, torch.Tensor], config: PretrainedConfig, layout: MegatronLayout) -> None:
-    """Fill `module` (this rank's stage of megatron's GPTModel) with its slice of the HF weights `state`;
-    every weight of the stage must be found."""
-    stage = pipeline_stage_state(hf_to_megatron(state, config), config, layout.pp_rank, layout.pp_size)
-    params = dict(module.named_parameters())
-    local = {name: tensor_parallel_shard(name, tensor, layout.tp_rank, layout.tp_size).to(params[name].dtype)
-             for name, tensor in stage.items() if name in params}
-    missing, unexpected = module.load_state_dict(local, strict=False)
-    missing = [name for name in missing if not name.endswith("._extra_state")]
-    if missing or unexpected:
-        raise KeyError(f"the {config.model_type} weights do not fill megatron's model: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
+def load_local(module: nn.Module, source: HFSource, config: PretrainedConfig, layout: MegatronLayout) -> None:
+    """Fill `module` (this rank's stage of megatron's GPTModel) with its slices of the HF weights, made
+    one weight at a time from the tensors it needs: a rank never holds more than its own weights and one
+    whole tensor being sliced. Every HF tensor must have a megatron counterpart."""
+    qkv_bias = f"{HF_LAYER.format(0)}self_attn.q_proj.bias" in source.names
+    check_all_converted(source.names - {"lm_head.weight"} if config.tie_word_embeddings else source.names, config,
+                        qkv_bias=qkv_bias)
+    makers = conversions(config, source.read, qkv_bias=qkv_bias)
+    per_stage = config.num_hidden_layers // layout.pp_size
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            whole = name
+            if name.startswith("decoder.layers."):
+                index = int(name.split(".")[2])
+                whole = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + layout.pp_rank * per_stage}.", 1)
+            elif name == "output_layer.weight" and config.tie_word_embeddings:  # the last stage's copy of the embedding
+                whole = "embedding.word_embeddings.weight"
+            if whole not in makers:
+                raise KeyError(f"the {config.model_type} weights have nothing for megatron's {name}")
+            param.copy_(tensor_parallel_shard(name, makers[whole](), layout.tp_rank, layout.tp_size))
 
 
 def optimizer_tensors(optimizer: object) -> list[torch.Tensor]:
