@@ -113,7 +113,8 @@ class MegatronEngine:
         with context:
             sums = forward_backward([self.ddp], micro_batches, loss_fn, forward_only=forward_only,
                                     tp_group=self.layout.tp_group, vocab_start_index=self.layout.vocab_start_index,
-                                    chunk_size=self.chunk_size, loss_multiplier=self.layout.dp_size)
+                                    chunk_size=self.chunk_size, loss_multiplier=self.layout.dp_size,
+                                    sequence_parallel=self.layout.sequence_parallel)
         sums = self.layout.from_last_stage_object(sums)
         tokens = sum(mb["attention_mask"].sum() for mb in micro_batches).to(self.device).float()
         return {**{name: value.to(self.device) for name, value in sums.items()}, "num_tokens": tokens}
@@ -129,7 +130,8 @@ class MegatronEngine:
             return logprobs.sum() * 0, {}
 
         forward_backward([self.ddp], padded, keep, forward_only=True, tp_group=self.layout.tp_group,
-                         vocab_start_index=self.layout.vocab_start_index, chunk_size=self.chunk_size)
+                         vocab_start_index=self.layout.vocab_start_index, chunk_size=self.chunk_size,
+                         sequence_parallel=self.layout.sequence_parallel)
         rows = sum(mb["input_ids"].shape[0] for mb in padded)
         out = torch.cat(pieces) if pieces else torch.zeros(rows, padded[0]["input_ids"].shape[1] - 1)
         out = self.layout.from_last_stage_tensor(out.to(self.device))

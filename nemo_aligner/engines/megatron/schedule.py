@@ -1,5 +1,6 @@
 """A loss over micro-batches through megatron-core's schedules: 1F1B across pipeline stages, a plain loop
-with one stage; per-token log-probs from the last stage's (vocabulary-parallel) logits."""
+with one stage; per-token log-probs of the scored positions from the last stage's final hidden states
+through the (vocabulary-parallel) output layer."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
 from nemo_aligner.types import Batch, LossFn, scored_positions
-from nemo_aligner.utils.logprobs import next_token_logprobs
+from nemo_aligner.utils.logprobs import linear_logprobs
 
 
 def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Batch], loss_fn: LossFn, *,
                      forward_only: bool, tp_group: dist.ProcessGroup | None, vocab_start_index: int,
-                     chunk_size: int, loss_multiplier: float = 1.0) -> dict[str, torch.Tensor]:
+                     chunk_size: int, loss_multiplier: float = 1.0,
+                     sequence_parallel: bool = False) -> dict[str, torch.Tensor]:
     """Run `loss_fn` (types.LossFn: a micro-batch's share of the global loss) on each micro-batch's per-token
     log-probs [rows, T-1] (0 where not scored) and, unless `forward_only`, backpropagate it (times
     `loss_multiplier`: e.g. the data-parallel size where the gradient reduction averages) into the
@@ -30,11 +33,17 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequenc
 
     def forward_step(batches, model):  # noqa: ANN001, ANN202 (megatron's forward_step_func)
         mb = next(batches)
-        logits = model(input_ids=mb["input_ids"], position_ids=None, attention_mask=None)
+        gpt = model.module if hasattr(model, "module") else model  # megatron's DDP wraps the GPTModel
+        last_stage = gpt.post_process
+        gpt.post_process = False  # the last stage returns its final hidden states, not every position's logits
+        try:
+            hidden = model(input_ids=mb["input_ids"], position_ids=None, attention_mask=None)
+        finally:
+            gpt.post_process = last_stage
 
-        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            logprobs = next_token_logprobs(logits, mb["input_ids"], tp_group=tp_group,
-                                           vocab_start_index=vocab_start_index, chunk_size=chunk_size) * scored_positions(mb)
+        def loss_func(hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            logprobs = _scored_logprobs(gpt, hidden, mb, tp_group=tp_group, vocab_start_index=vocab_start_index,
+                                        chunk_size=chunk_size, sequence_parallel=sequence_parallel)
             loss, metrics = loss_fn(logprobs, mb)
             for name, value in {"loss": loss, **metrics}.items():
                 value = value.detach().float()
@@ -42,13 +51,34 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequenc
             # megatron divides by the number of micro-batches; ours is already a share
             return loss * (len(micro_batches) * loss_multiplier), {}
 
-        return logits, loss_func
+        return hidden, loss_func
 
     with cuda_placements_on_cpu():
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
                                     model=model_chunks, num_microbatches=len(micro_batches), seq_length=length,
                                     micro_batch_size=rows, forward_only=forward_only)
     return totals
+
+
+def _scored_logprobs(gpt: torch.nn.Module, hidden: torch.Tensor, mb: Batch, *, tp_group: dist.ProcessGroup | None,
+                     vocab_start_index: int, chunk_size: int, sequence_parallel: bool) -> torch.Tensor:
+    """[B, T-1] fp32 log-probs at the scored positions (0 elsewhere) from the last stage's final hidden
+    states [T(/tp), B, H]: only the scored positions go through the (vocabulary-parallel) output layer, a
+    chunk of logits at a time (utils.logprobs.linear_logprobs), so prompts cost no output-layer work and
+    memory does not grow with tokens x vocabulary. Under sequence parallelism the sequence is gathered
+    first (its backward keeps this rank's share of a gradient linear_logprobs has already summed)."""
+    if sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    hidden = hidden.transpose(0, 1)[:, :-1]  # [B, T-1, H]: the state that predicts each next token
+    targets = scored_positions(mb)
+    index = targets.reshape(-1).nonzero().squeeze(1)
+    weight = (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
+              else gpt.output_layer.weight)
+    scored = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), weight,
+                             mb["input_ids"][:, 1:].reshape(-1).index_select(0, index), tp_group=tp_group,
+                             vocab_start_index=vocab_start_index, chunk_size=chunk_size)
+    return torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device).index_copy(
+        0, index, scored).view(targets.shape)
 
 
 def same_length(micro_batches: Sequence[Batch], pad_token_id: int, multiple: int = 1) -> list[Batch]:
