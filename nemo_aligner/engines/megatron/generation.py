@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from torch import nn
 
 from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
@@ -45,10 +46,7 @@ def generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         pad = -tokens.shape[1] % layout.sequence_multiple  # sequence parallelism splits the sequence evenly
         if pad:
             ids, attend = F.pad(tokens, (pad, 0), value=pad_token_id), F.pad(mask, (pad, 0), value=0)
-        position_ids = (attend.cumsum(dim=-1) - 1).clamp(min=0)
-        with cuda_placements_on_cpu():
-            logits = module(input_ids=ids, position_ids=position_ids, attention_mask=hidden_positions(attend))
-        logits = _whole_vocabulary(logits[:, -1].float(), layout)
+        logits = _whole_vocabulary(_last_position_logits(module, ids, attend, layout), layout)
         if step < length.min_length:
             logits[:, eos_token_id] = float("-inf")
         uniform = None if sampling.use_greedy else torch.rand(logits.shape, generator=generator, device=device)
@@ -66,6 +64,25 @@ def generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=layout.dp_group)
     return Generations(tokens=torch.cat([input_ids, responses[:, : int(longest)]], dim=1),
                        prompt_lengths=attention_mask.sum(dim=-1), response_lengths=response_lengths)
+
+
+def _last_position_logits(module: nn.Module, ids: torch.Tensor, attend: torch.Tensor,
+                          layout: MegatronLayout) -> torch.Tensor:
+    """[B, V / tp] fp32 logits of the last position only: the final hidden states come out of the model
+    (its post-processing switched off for the call) and only the last one meets this rank's slice of
+    the output layer, instead of every position's logits in every step."""
+    position_ids = (attend.cumsum(dim=-1) - 1).clamp(min=0)
+    module.post_process = False
+    try:
+        with cuda_placements_on_cpu():
+            hidden = module(input_ids=ids, position_ids=position_ids, attention_mask=hidden_positions(attend))
+            if layout.sequence_parallel:
+                hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    finally:
+        module.post_process = True
+    weight = (module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights
+              else module.output_layer.weight)
+    return (hidden[-1] @ weight.T).float()
 
 
 def _whole_vocabulary(logits: torch.Tensor, layout: MegatronLayout) -> torch.Tensor:
