@@ -213,3 +213,32 @@ def test_a_sharded_hf_directory_loads_tensor_by_tensor_into_the_same_model(llama
         torch.testing.assert_close(megatron.get_logprobs(batch), native.get_logprobs(batch), rtol=1e-5, atol=1e-5)
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def test_compiled_layers_score_and_step_as_eager_ones_without_graph_breaks(llama_dir: str) -> None:
+    """model.torch_compile=true (the default on CUDA) compiles each megatron decoder layer whole: the same
+    log-probs, loss and gradient norm as eager, and dynamo breaks no graph."""
+    import torch._dynamo
+    from megatron.core import parallel_state
+
+    batch = right_padded_batch(4, 10, 48, seed=3)
+    tokens = batch["loss_mask"][:, 1:].sum()
+    results = []
+    try:
+        for compiled in (False, True):
+            torch._dynamo.utils.counters.clear()
+            policy = GPTModel(model_cfg(engine="megatron", torch_compile=compiled), pretrained(llama_dir), FP32)
+            policy.setup_optimizer(max_steps=2)
+            logprobs = policy.get_logprobs(batch)
+            loss = policy.forward_backward(batch, lambda lp, mb: (-(lp * mb["loss_mask"][:, 1:]).sum() / tokens, {}))["loss"]
+            results.append((logprobs, loss, policy.optimizer_step(1.0)[0]))
+            parallel_state.destroy_model_parallel()
+        assert "compiled layers" in policy.engine.describe()
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+    (lp_eager, loss_eager, norm_eager), (lp_compiled, loss_compiled, norm_compiled) = results
+    torch.testing.assert_close(lp_compiled, lp_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
+    assert abs(norm_compiled - norm_eager) <= 1e-4 * norm_eager

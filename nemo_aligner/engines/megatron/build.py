@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -68,6 +69,17 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
 
+class RowParallelLinearWithGroup(RowParallelLinear):
+    """megatron's RowParallelLinear, whose forward (megatron-core 0.16) names no process group for its
+    matmul, so megatron looks the default one up and warns on every call; under torch.compile that warning
+    breaks every layer's graph. The group looked up is the layer's own tp_group: this passes it."""
+
+    def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:  # noqa: A002
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 class RMSNorm(torch.nn.RMSNorm):
     """torch's RMSNorm in megatron's norm slots (megatron's own torch wrapper refuses sequence parallelism
     without TransformerEngine or apex). Under sequence parallelism each tensor-parallel rank normalises
@@ -88,6 +100,8 @@ def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype, pipeline_st
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
+    layer.submodules.self_attention.submodules.linear_proj = RowParallelLinearWithGroup
+    layer.submodules.mlp.submodules.linear_fc2 = RowParallelLinearWithGroup
     spec = TransformerBlockSubmodules(layer_specs=[layer] * (config.num_hidden_layers // pipeline_stages),
                                       layer_norm=RMSNorm)
     transformer = transformer_config(config, dtype=dtype)

@@ -52,7 +52,7 @@ class MegatronEngine:
 
     def __init__(self, *, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, layout: MegatronLayout,
                  device: torch.device, restore_from_path: str | None, compute_dtype: torch.dtype, seed: int,
-                 log_prob_chunk_size: int) -> None:
+                 log_prob_chunk_size: int, compile_layers: bool) -> None:
         self.hf_config = hf_config
         self.tokenizer = tokenizer
         self.layout = layout
@@ -71,6 +71,10 @@ class MegatronEngine:
         self._num_parameters = weights_io.num_parameters(source, hf_config)
         weights_io.load_local(self.module, source, hf_config, layout)
         self.module.to(device).eval()  # dropout is 0 in the config; eval keeps every path deterministic
+        self.compiled = compile_layers
+        if compile_layers:  # each decoder layer compiled in place: one graph, no breaks (build.RowParallelLinearWithGroup)
+            for layer in self.module.decoder.layers:
+                layer.compile()
         with cuda_placements_on_cpu():
             self.ddp = DistributedDataParallel(
                 self.module.config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
@@ -89,7 +93,8 @@ class MegatronEngine:
         layout = self.layout
         return (f"{type(self.module).__name__} (megatron-core) of {self.hf_config.model_type}: "
                 f"{self._num_parameters / 1e6:.1f}M parameters, dp={layout.dp_size} tp={layout.tp_size} "
-                f"pp={layout.pp_size}{' (sequence parallel)' if layout.sequence_parallel else ''}, {name} compute, fp32 main weights in the distributed optimizer")
+                f"pp={layout.pp_size}{' (sequence parallel)' if layout.sequence_parallel else ''}, {name} compute, fp32 main "
+                f"weights in the distributed optimizer{', compiled layers' if self.compiled else ''}")
 
     def num_parameters(self) -> int:
         return self._num_parameters
@@ -329,4 +334,5 @@ def build_megatron_engine(model: ModelConfig, pretrained: PretrainedCheckpointCo
     return MegatronEngine(hf_config=hf_config, tokenizer=load_tokenizer(tokenizer_path), layout=layout, device=device,
                           restore_from_path=pretrained.restore_from_path,
                           compute_dtype=torch.float32 if trainer.precision is Precision.fp32 else torch.bfloat16,
-                          seed=model.seed, log_prob_chunk_size=model.log_prob_chunk_size)
+                          seed=model.seed, log_prob_chunk_size=model.log_prob_chunk_size,
+                          compile_layers=model.torch_compile if model.torch_compile is not None else device.type == "cuda")
