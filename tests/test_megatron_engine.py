@@ -19,19 +19,22 @@ from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
 def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_path) -> None:
     """Two gloo processes, fp32, against torch_native (data parallel): DPO at TP=2 (swap reference), TP=2 with
-    sequence parallelism (precomputed), PP=2 (resident) and DP=2 (precomputed), every metric of 3 steps;
+    sequence parallelism (precomputed), PP=2 (resident), PP=2 with 2 virtual chunks per stage (a 4-layer
+    model, resident) and DP=2 (precomputed), every metric of 3 steps;
     SPIN with greedy rollouts at TP=2, with and without sequence parallelism; SFT
-    steps at TP=2; a checkpoint saved at TP=2 resumed at PP=2 going on as TP=2 did; the HF export loads
-    in transformers and equals torch_native's export of the same steps."""
+    steps at TP=2 and at PP=2 x 2 chunks; checkpoints saved at TP=2 resumed at PP=2, and saved at PP=2 x 2
+    chunks resumed at TP=2, going on as before; the HF exports load in transformers and equal
+    torch_native's exports of the same steps."""
     model_dir = make_model_dir(str(tmp_path / "llama"), "llama")
     pairs, sft = write_pairs(str(tmp_path / "pairs.jsonl"), 24), write_sft(str(tmp_path / "sft.jsonl"), 16)
     out = torchrun(2, "tests/distributed/megatron_engine_checks.py", model_dir, pairs, sft, str(tmp_path), timeout=600)
     results = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert results["world"] == 2 and results["resumed_at_step"] == 2
     for name in ("dpo_tp2_swap", "dpo_tp2_sequence_parallel_precomputed", "dpo_pp2_resident", "dpo_dp2_precomputed",
-                 "spin_tp2", "spin_tp2_sequence_parallel", "sft_tp2_vs_torch_native", "resume_tp2_at_pp2"):
+                 "dpo_pp2_vp2_resident", "spin_tp2", "spin_tp2_sequence_parallel", "sft_tp2_vs_torch_native",
+                 "resume_tp2_at_pp2", "sft_pp2_vp2_vs_torch_native", "resume_pp2_vp2_at_tp2"):
         assert results[name] < 1e-5, (name, results)
-    assert results["export_max_abs_gap"] < 1e-5, results
+    assert results["export_max_abs_gap"] < 1e-5 and results["export_vp_max_abs_gap"] < 1e-5, results
     assert results["export_loads_in_transformers"] == "LlamaForCausalLM"
 
 
@@ -53,14 +56,14 @@ def _sft_step(policy: GPTModel) -> None:
 
 
 def test_a_non_finite_gradient_is_refused_before_any_weight_changes(megatron_policy: GPTModel) -> None:
-    weights = {name: p.detach().clone() for name, p in megatron_policy.engine.module.named_parameters()}
+    weights = {name: p.detach().clone() for name, p in megatron_policy.engine.chunks[0].named_parameters()}
     micro_batches = megatron_policy.micro_batches(right_padded_batch(4, 10, 48, seed=3))
     # a finite loss (0) whose gradient is NaN: d sqrt(x) / dx at 0, times 0
     megatron_policy.engine.forward_backward(micro_batches, lambda logprobs, mb: ((logprobs * 0).sum().sqrt(), {}),
                                             forward_only=False)
     with pytest.raises(FloatingPointError, match="not applied"):
         megatron_policy.optimizer_step(1.0)
-    assert all(torch.equal(p, weights[name]) for name, p in megatron_policy.engine.module.named_parameters())
+    assert all(torch.equal(p, weights[name]) for name, p in megatron_policy.engine.chunks[0].named_parameters())
     _sft_step(megatron_policy)  # the gradients were cleared: the next step trains
     grad_norm, _ = megatron_policy.optimizer_step(1.0)
     assert math.isfinite(grad_norm) and grad_norm > 0
@@ -70,7 +73,7 @@ def test_swapped_weights_compute_with_the_buffers_and_restore_exactly(megatron_p
     engine = megatron_policy.engine
     batch = right_padded_batch(2, 8, 48, seed=5)
     before = megatron_policy.get_logprobs(batch)
-    weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    weights = {name: p.detach().clone() for name, p in engine.chunks[0].named_parameters()}
     zeros = {name: torch.zeros_like(t) for name, t in engine.allocate_weights("host").items()}
     with engine.swapped_weights(zeros):
         swapped = megatron_policy.get_logprobs(batch)
@@ -81,7 +84,7 @@ def test_swapped_weights_compute_with_the_buffers_and_restore_exactly(megatron_p
             with engine.swapped_weights(zeros):
                 pass
     assert not torch.allclose(swapped, before)
-    assert all(torch.equal(p, weights[name]) for name, p in engine.module.named_parameters())
+    assert all(torch.equal(p, weights[name]) for name, p in engine.chunks[0].named_parameters())
     assert torch.equal(megatron_policy.get_logprobs(batch), before)
     with pytest.raises(KeyError, match="do not match"):
         with engine.swapped_weights({"nope": torch.zeros(1)}):
@@ -121,9 +124,11 @@ def test_layouts_and_modes_the_engine_cannot_run_are_refused_by_key(llama_dir: s
         GPTModel(model_cfg(**{"engine": "megatron", **change}), pretrained(llama_dir), trainer)
 
 
-def test_o1_mixed_precision_is_refused_naming_the_key() -> None:
+def test_o1_mixed_precision_and_a_virtual_pipeline_without_a_pipeline_are_refused_naming_the_key() -> None:
     with pytest.raises(ValueError, match="model.megatron_amp_O2=False is invalid"):
         model_cfg(megatron_amp_O2=False)
+    with pytest.raises(ValueError, match="model.virtual_pipeline_model_parallel_size=2 is invalid"):
+        model_cfg(virtual_pipeline_model_parallel_size=2)
 
 
 def test_a_sliding_window_shorter_than_the_sequences_is_refused(tmp_path) -> None:
@@ -156,7 +161,8 @@ def test_tensor_parallel_pieces_and_pipeline_stages_reassemble_the_whole_model(l
     whole = hf_to_megatron(hf.state_dict(), hf.config)
     for name, tensor in whole.items():
         assert torch.equal(tensor_parallel_unshard(name, [tensor_parallel_shard(name, tensor, r, 2) for r in range(2)]), tensor)
-    stages = [stage_to_model_names(pipeline_stage_state(whole, hf.config, s, 2), hf.config, s, 2) for s in range(2)]
+    per_stage = hf.config.num_hidden_layers // 2
+    stages = [stage_to_model_names(pipeline_stage_state(whole, hf.config, s, 2), hf.config, s * per_stage) for s in range(2)]
     assert {name: t for stage in stages for name, t in stage.items()}.keys() == whole.keys()
     assert all(torch.equal(stage[name], whole[name]) for stage in stages for name in stage)
 

@@ -130,6 +130,9 @@ class ModelConfig:
     global_batch_size: int = 8  # examples per optimizer step over all ranks
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Megatron's interleaved pipeline (model.engine=megatron): each stage holds this many chunks of layers,
+    # which shrinks the pipeline bubble by that factor; null: one chunk per stage
+    virtual_pipeline_model_parallel_size: Optional[int] = None
     # Megatron's sequence parallelism (model.engine=megatron with tensor_model_parallel_size > 1): the
     # activations between the tensor-parallel blocks are split along the sequence over the TP ranks
     sequence_parallel: bool = False
@@ -163,6 +166,10 @@ class ModelConfig:
         if self.activations_checkpoint_num_layers is not None:
             require(self.activations_checkpoint_num_layers >= 1, "model.activations_checkpoint_num_layers",
                     self.activations_checkpoint_num_layers, "null or >= 1")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            require(self.virtual_pipeline_model_parallel_size >= 2 and self.pipeline_model_parallel_size >= 2,
+                    "model.virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size,
+                    "null, or >= 2 with model.pipeline_model_parallel_size >= 2")
         require(self.megatron_amp_O2, "model.megatron_amp_O2", self.megatron_amp_O2,
                 "true (bf16 trains with fp32 master weights in the optimizer; O1 autocast is not implemented)")
         for key in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",

@@ -48,9 +48,11 @@ def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict
 
 
 def build(model_dir: str, tp: int, precision: Precision, sharding: str = "auto",
-          data: DataLoadingConfig | None = None, engine: str = "torch_native", pp: int = 1) -> GPTModel:
+          data: DataLoadingConfig | None = None, engine: str = "torch_native", pp: int = 1,
+          vp: int | None = None) -> GPTModel:
     """The plain policy of the layout checks; with `data`, a model section that has one (e.g. for packing)."""
-    cfg = ModelConfig(engine=engine, pipeline_model_parallel_size=pp, micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
+    cfg = ModelConfig(engine=engine, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
+                      micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
                       seed=7, log_prob_chunk_size=5, data_parallel_sharding=sharding,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
     if data is not None:
@@ -75,11 +77,12 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
 def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
               reference: ReferenceStrategy = ReferenceStrategy.swap, packing: bool = False,
               loss: str = "rpo_bwd_kl", engine: str = "torch_native", pp: int = 1,
-              sequence_parallel: bool = False) -> list[dict[str, float]]:
+              sequence_parallel: bool = False, vp: int | None = None) -> list[dict[str, float]]:
     """Metrics of `steps` DPO steps (`loss` + SFT term) on the pairs in `data`, with the reference
     held by `reference` (precomputed: one pass first, cached beside the data), packed or padded, on
     `engine` with `pp` pipeline stages."""
     cfg = DPOModelConfig(engine=engine, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
+                         virtual_pipeline_model_parallel_size=vp,
                          micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
                          encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
                          dpo=DPOLossConfig(preference_loss=loss, sft_loss_weight=0.5,
@@ -91,7 +94,7 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
     policy.setup_optimizer(max_steps=steps)
     loader = build_preference_loader(data, shuffle=True, micro_batch_size=cfg.micro_batch_size, **loader_args(policy, cfg))
     if isinstance(policy.reference, PrecomputedReference):
-        policy.reference.precompute_into(loader.dataset, name=f"layout-{engine}-tp{tp}-pp{pp}-sp{int(sequence_parallel)}", cache_dir=os.path.dirname(data) + "/cache",
+        policy.reference.precompute_into(loader.dataset, name=f"layout-{engine}-tp{tp}-pp{pp}-vp{vp}-sp{int(sequence_parallel)}", cache_dir=os.path.dirname(data) + "/cache",
                                          pairs_per_forward=3, collate=loader.collate, score=policy.sequence_logps)
     records = []
     for _ in range(steps):

@@ -6,9 +6,10 @@
 
 - DPO, 3 steps (rpo_bwd_kl + SFT term), every metric against torch_native's DP run: megatron at TP=2 with the
   swap reference, at TP=2 with sequence parallelism and the precomputed one, at PP=2 with the resident
-  one, at DP=2 with the precomputed one;
+  one, at DP=2 with the precomputed one; a 4-layer model at PP=2 with 2 virtual-pipeline chunks per stage;
 - SPIN, 2 steps with greedy generation, megatron TP=2 (and with sequence parallelism) against torch_native;
-- a checkpoint saved at TP=2 after 2 SFT steps, resumed at PP=2: the next 2 steps against TP=2 going on;
+- a checkpoint saved at TP=2 after 2 SFT steps, resumed at PP=2: the next 2 steps against TP=2 going on; the
+  same from PP=2 x 2 virtual chunks (the 4-layer model, whose steps are held to torch_native's) to TP=2;
 - the HF export at TP=2 after those 4 steps against torch_native's export of the same 4 steps, and its
   logits in transformers.
 Rank 0 prints one JSON line: the largest relative gap of each comparison (the test holds fp32 to 1e-5;
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from layout_checks import build, dpo_steps, resume, run_steps, save, spin_steps
 from nemo_aligner.config.schema import Precision, ReferenceStrategy
@@ -42,6 +43,18 @@ def gap(expected: list, got: list) -> float:
             pairs += list(zip(a, b))
     assert len(expected) == len(got) and pairs
     return max(abs(float(x) - float(y)) / max(1.0, abs(float(x))) for x, y in pairs)
+
+
+def deeper_model(model_dir: str, path: str) -> str:
+    """`model_dir`'s model with 4 layers (random, seeded, written by rank 0), for a virtual pipeline."""
+    if dist.get_rank() == 0 and not os.path.isdir(path):
+        config = AutoConfig.from_pretrained(model_dir)
+        config.num_hidden_layers = 4
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    dist.barrier()
+    return path
 
 
 def fresh_megatron_layout() -> None:
@@ -78,6 +91,11 @@ def main() -> None:
         got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=3, reference=strategy, engine="megatron", pp=pp,
                         sequence_parallel=sp)
         results[f"dpo_{name}_{strategy.value}"] = gap(reference, got)
+    deeper = deeper_model(args.model_dir, os.path.join(args.workdir, "llama4"))  # 4 layers: 2 stages x 2 chunks
+    deeper_reference = dpo_steps(deeper, args.pairs, 1, precision, steps=3)
+    fresh_megatron_layout()
+    results["dpo_pp2_vp2_resident"] = gap(deeper_reference, dpo_steps(
+        deeper, args.pairs, 1, precision, steps=3, reference=ReferenceStrategy.resident, engine="megatron", pp=2, vp=2))
     spin_reference = spin_steps(args.model_dir, args.sft, 1, precision)
     fresh_megatron_layout()
     results["spin_tp2"] = gap(spin_reference, spin_steps(args.model_dir, args.sft, 2, precision, engine="megatron"))
@@ -100,7 +118,25 @@ def main() -> None:
     pp2 = build(args.model_dir, 1, precision, engine="megatron", pp=2)
     results["resumed_at_step"] = resume(pp2, checkpoints)
     results["resume_tp2_at_pp2"] = gap(then, run_steps(pp2, 2, 4))
+    # the virtual pipeline: 4 SFT steps of the 4-layer model at PP=2 x 2 chunks against torch_native, saved
+    # after 2 and resumed at TP=2, and its export
+    native = build(deeper, 1, precision)
+    native_deeper = run_steps(native, 0, 4)
+    native.export_hf(os.path.join(args.workdir, "export_vp_torch_native"))
+    fresh_megatron_layout()
+    interleaved = build(deeper, 1, precision, engine="megatron", pp=2, vp=2)
+    first = run_steps(interleaved, 0, 2)
+    save(interleaved, checkpoints + "_vp", 2)
+    then = run_steps(interleaved, 2, 4)
+    results["sft_pp2_vp2_vs_torch_native"] = gap(native_deeper, first + then)
+    interleaved.export_hf(os.path.join(args.workdir, "export_vp"))
+    fresh_megatron_layout()
+    resumed = build(deeper, 2, precision, engine="megatron")
+    resume(resumed, checkpoints + "_vp")
+    results["resume_pp2_vp2_at_tp2"] = gap(then, run_steps(resumed, 2, 4))
     if dist.get_rank() == 0:
+        results["export_vp_max_abs_gap"] = export_gap(os.path.join(args.workdir, "export_vp_torch_native"),
+                                                      os.path.join(args.workdir, "export_vp"))
         results["export_max_abs_gap"] = export_gap(os.path.join(args.workdir, "export_torch_native"),
                                                    os.path.join(args.workdir, "export_megatron"))
         hf = AutoModelForCausalLM.from_pretrained(os.path.join(args.workdir, "export_megatron"), dtype=torch.float32)

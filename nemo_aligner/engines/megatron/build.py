@@ -92,30 +92,39 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype, pipeline_stages: int = 1,
-                    sequence_parallel: bool = False) -> GPTModel:
+                    sequence_parallel: bool = False, chunks: int = 1, chunk: int | None = None) -> GPTModel:
     """megatron-core's GPTModel for `config` (random weights; convert.hf_to_megatron fills them), on the CPU:
     with `pipeline_stages` > 1, this rank's stage (its share of the layers; the embedding on the first
     stage, the final norm and output layer on the last), as megatron's parallel_state places it; with
-    `sequence_parallel`, activations outside the tensor-parallel blocks split along the sequence."""
+    `chunks` > 1 (virtual pipeline), the stage's chunk `chunk` of them; with `sequence_parallel`,
+    activations outside the tensor-parallel blocks split along the sequence."""
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.linear_proj = RowParallelLinearWithGroup
     layer.submodules.mlp.submodules.linear_fc2 = RowParallelLinearWithGroup
-    spec = TransformerBlockSubmodules(layer_specs=[layer] * (config.num_hidden_layers // pipeline_stages),
+    spec = TransformerBlockSubmodules(layer_specs=[layer] * (config.num_hidden_layers // (pipeline_stages * chunks)),
                                       layer_norm=RMSNorm)
     transformer = transformer_config(config, dtype=dtype)
     transformer.pipeline_model_parallel_size = pipeline_stages
+    transformer.virtual_pipeline_model_parallel_size = chunks if chunks > 1 else None
+    transformer.microbatch_group_size_per_vp_stage = pipeline_stages  # megatron's default, set after construction
+    # Batched p2p posts a stage's sends and receives as [to prev, from prev, to next, from next]; with two
+    # stages prev and next are the same rank, and the interleaved schedule's steady state sends it an
+    # activation and a gradient of one shape at once, which the other side then receives swapped. The
+    # unbatched path orders them by rank parity and stays correct.
+    transformer.batch_p2p_comm = chunks == 1
     transformer.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     transformer.sequence_parallel = sequence_parallel
     transformer.pipeline_dtype = dtype
+    ends = dict(ignore_virtual=chunks == 1, vp_stage=chunk)
     with cuda_placements_on_cpu():
         return GPTModel(transformer, spec, vocab_size=config.vocab_size,
                         max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
                         rotary_base=int(rope_theta(config)),
                         share_embeddings_and_output_weights=config.tie_word_embeddings,
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+                        pre_process=parallel_state.is_pipeline_first_stage(**ends),
+                        post_process=parallel_state.is_pipeline_last_stage(**ends), vp_stage=chunk)
 
 
 def rope_theta(config: PretrainedConfig) -> float:

@@ -178,17 +178,16 @@ def tensor_parallel_unshard(name: str, pieces: list[torch.Tensor]) -> torch.Tens
     return pieces[0]
 
 
-def stage_to_model_names(state: dict[str, torch.Tensor], config: PretrainedConfig, stage: int,
-                         stages: int) -> dict[str, torch.Tensor]:
-    """A pipeline stage's weights under the whole model's names (the inverse of pipeline_stage_state): its
-    layers renumbered from the stage's first; a tied output layer (the embedding's copy on the last stage
-    of several) dropped."""
-    per_stage = config.num_hidden_layers // stages
+def stage_to_model_names(state: dict[str, torch.Tensor], config: PretrainedConfig,
+                         layer_offset: int) -> dict[str, torch.Tensor]:
+    """A pipeline stage's (or virtual-pipeline chunk's) weights under the whole model's names (the inverse
+    of pipeline_stage_state): its layers renumbered from `layer_offset`; a tied output layer (the
+    embedding's copy on the last stage of several) dropped."""
     out = {}
     for name, tensor in state.items():
         if name.startswith("decoder.layers."):
             index = int(name.split(".")[2])
-            name = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + stage * per_stage}.", 1)
+            name = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + layer_offset}.", 1)
         elif name == "output_layer.weight" and config.tie_word_embeddings:
             continue
         out[name] = tensor

@@ -47,8 +47,9 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 class MegatronEngine:
-    """Owns megatron's GPTModel (this rank's stage and tensor-parallel slice), its DDP wrapper and the
-    distributed optimizer; speaks only in batches and tensors."""
+    """Owns megatron's GPTModel (this rank's stage, as one chunk of layers or several under a virtual
+    pipeline, and its tensor-parallel slice), its DDP wrappers and the distributed optimizer; speaks only
+    in batches and tensors."""
 
     def __init__(self, *, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, layout: MegatronLayout,
                  device: torch.device, restore_from_path: str | None, compute_dtype: torch.dtype, seed: int,
@@ -65,20 +66,25 @@ class MegatronEngine:
         # dropout is 0 throughout (policy and reference log-probs must be deterministic), so megatron's RNG
         # tracker forks nothing: its no-op (inference) tracker, which also needs no CUDA RNG to seed
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-        self.module = build_gpt_model(hf_config, dtype=compute_dtype, pipeline_stages=layout.pp_size,
-                                      sequence_parallel=layout.sequence_parallel)
+        # this stage's chunks of layers (one without a virtual pipeline), each with its DDP wrapper
+        self.chunks = [build_gpt_model(hf_config, dtype=compute_dtype, pipeline_stages=layout.pp_size,
+                                       sequence_parallel=layout.sequence_parallel, chunks=layout.vp_size,
+                                       chunk=chunk if layout.vp_size > 1 else None)
+                       for chunk in range(layout.vp_size)]
         source = weights_io.HFSource.open(hf_config, restore_from_path, seed)
         self._num_parameters = weights_io.num_parameters(source, hf_config)
-        weights_io.load_local(self.module, source, hf_config, layout)
-        self.module.to(device).eval()  # dropout is 0 in the config; eval keeps every path deterministic
         self.compiled = compile_layers
-        if compile_layers:  # each decoder layer compiled in place: one graph, no breaks (build.RowParallelLinearWithGroup)
-            for layer in self.module.decoder.layers:
-                layer.compile()
-        with cuda_placements_on_cpu():
-            self.ddp = DistributedDataParallel(
-                self.module.config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
-                                                                  overlap_grad_reduce=False), self.module)
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+                                                   overlap_grad_reduce=False)
+        self.ddp: list[DistributedDataParallel] = []
+        for index, chunk in enumerate(self.chunks):
+            weights_io.load_local(chunk, source, hf_config, layout, layer_offset=layout.layer_offset(hf_config, index))
+            chunk.to(device).eval()  # dropout is 0 in the config; eval keeps every path deterministic
+            if compile_layers:  # each decoder layer compiled in place: one graph, no breaks (build.RowParallelLinearWithGroup)
+                for layer in chunk.decoder.layers:
+                    layer.compile()
+            with cuda_placements_on_cpu():
+                self.ddp.append(DistributedDataParallel(chunk.config, ddp_config, chunk))
         self.optimizer = None
         self.optim_cfg: OptimConfig | None = None
         self.max_steps = 0
@@ -91,9 +97,10 @@ class MegatronEngine:
     def describe(self) -> str:
         name = str(self.compute_dtype).removeprefix("torch.")
         layout = self.layout
-        return (f"{type(self.module).__name__} (megatron-core) of {self.hf_config.model_type}: "
+        return (f"{type(self.chunks[0]).__name__} (megatron-core) of {self.hf_config.model_type}: "
                 f"{self._num_parameters / 1e6:.1f}M parameters, dp={layout.dp_size} tp={layout.tp_size} "
-                f"pp={layout.pp_size}{' (sequence parallel)' if layout.sequence_parallel else ''}, {name} compute, fp32 main "
+                f"pp={layout.pp_size}{f' x {layout.vp_size} chunks' if layout.vp_size > 1 else ''}"
+                f"{' (sequence parallel)' if layout.sequence_parallel else ''}, {name} compute, fp32 main "
                 f"weights in the distributed optimizer{', compiled layers' if self.compiled else ''}")
 
     def num_parameters(self) -> int:
@@ -105,7 +112,7 @@ class MegatronEngine:
                                  adam_beta2=cfg.betas[1], adam_eps=cfg.eps, bf16=self.compute_dtype == torch.bfloat16,
                                  params_dtype=self.compute_dtype, use_distributed_optimizer=True, clip_grad=0.0)
         with cuda_placements_on_cpu():
-            self.optimizer = get_megatron_optimizer(config, [self.ddp])
+            self.optimizer = get_megatron_optimizer(config, self.ddp)
         self.optim_cfg, self.max_steps = cfg, max_steps
 
     def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn, *, forward_only: bool) -> dict[str, torch.Tensor]:
@@ -116,7 +123,7 @@ class MegatronEngine:
         micro_batches = same_length(micro_batches, self.tokenizer.pad_token_id, self.layout.sequence_multiple)
         context = torch.no_grad() if forward_only else contextlib.nullcontext()
         with context:
-            sums = forward_backward([self.ddp], micro_batches, loss_fn, forward_only=forward_only,
+            sums = forward_backward(self.ddp, micro_batches, loss_fn, forward_only=forward_only,
                                     tp_group=self.layout.tp_group, vocab_start_index=self.layout.vocab_start_index,
                                     chunk_size=self.chunk_size, loss_multiplier=self.layout.dp_size,
                                     sequence_parallel=self.layout.sequence_parallel)
@@ -134,7 +141,7 @@ class MegatronEngine:
             pieces.append(logprobs.detach().float())
             return logprobs.sum() * 0, {}
 
-        forward_backward([self.ddp], padded, keep, forward_only=True, tp_group=self.layout.tp_group,
+        forward_backward(self.ddp, padded, keep, forward_only=True, tp_group=self.layout.tp_group,
                          vocab_start_index=self.layout.vocab_start_index, chunk_size=self.chunk_size,
                          sequence_parallel=self.layout.sequence_parallel)
         rows = sum(mb["input_ids"].shape[0] for mb in padded)
@@ -156,7 +163,7 @@ class MegatronEngine:
             group["lr"] = lr
             group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
         with cuda_placements_on_cpu():
-            finalize_model_grads([self.ddp])
+            finalize_model_grads(self.ddp)
             self.optimizer.prepare_grads()
             grad_norm = float(self.optimizer.get_grad_norm())
             if math.isfinite(grad_norm):
@@ -165,7 +172,8 @@ class MegatronEngine:
                         clip_grad_by_total_norm_fp32(optimizer.get_parameters(), max_norm=max_grad_norm,
                                                      total_norm=grad_norm)
                 self.optimizer.step_with_ready_grads()
-        self.ddp.zero_grad_buffer()
+        for chunk in self.ddp:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         if not math.isfinite(grad_norm):
             raise NonFiniteGradientError(f"gradient norm is {grad_norm}; the step was not applied")
@@ -182,7 +190,7 @@ class MegatronEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.layout.dp_rank * 7_919 + self.generation_calls)
         self.generation_calls += not sampling.use_greedy
-        return generate(self.module, input_ids, attention_mask, sampling=sampling, length=length,
+        return generate(self.chunks[0], input_ids, attention_mask, sampling=sampling, length=length,
                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                         generator=generator, layout=self.layout)
 
@@ -201,7 +209,10 @@ class MegatronEngine:
 
     # ----------------------------------------------------------- weight buffers
     def _params(self) -> dict[str, torch.Tensor]:
-        return {name: param for name, param in self.module.named_parameters()}
+        if len(self.chunks) == 1:
+            return dict(self.chunks[0].named_parameters())
+        return {f"chunk{index}.{name}": param for index, chunk in enumerate(self.chunks)
+                for name, param in chunk.named_parameters()}
 
     def allocate_weights(self, where: WeightPlace, *, compute_dtype: bool = False) -> dict[str, torch.Tensor]:
         device = torch.device("cpu") if where == "host" else self.device
@@ -264,7 +275,8 @@ class MegatronEngine:
         state = self._sharded_state(with_optimizer=with_optimizer, loading=True)
         with cuda_placements_on_cpu():
             loaded = dist_checkpointing.load(state, path)
-        self.module.load_state_dict(loaded["model"], strict=False)
+        for key, chunk in zip(self._model_keys(), self.chunks):
+            chunk.load_state_dict(loaded[key], strict=False)
         if with_optimizer:
             with weights_io.step_kept_apart(self.optimizer):
                 self.optimizer.load_state_dict(loaded["optimizer"])
@@ -277,8 +289,8 @@ class MegatronEngine:
         state in its fully reshardable form (gathered over data-parallel ranks to save, sliced on load), so a
         checkpoint loads into any other tensor / pipeline / data-parallel layout."""
         with cuda_placements_on_cpu():
-            model = self.module.sharded_state_dict()
-            state: dict[str, object] = {"model": model}
+            model = {key: chunk.sharded_state_dict() for key, chunk in zip(self._model_keys(), self.chunks)}
+            state: dict[str, object] = dict(model)
             if with_optimizer and self.optimizer is not None:
                 if loading:
                     weights_io.initialise_adam_state(self.optimizer)
@@ -286,8 +298,13 @@ class MegatronEngine:
                     model, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         return state
 
+    def _model_keys(self) -> list[str]:
+        """Megatron's names for the chunks' entries of a checkpoint ("model", or "model0", "model1", ...); the
+        tensors in them are keyed by their place in the whole model, so any layout loads them."""
+        return ["model"] if len(self.chunks) == 1 else [f"model{index}" for index in range(len(self.chunks))]
+
     def export_hf(self, path: str) -> None:
-        weights_io.export_hf(self.module, self.hf_config, self.tokenizer, self.layout, path, dtype=self.compute_dtype)
+        weights_io.export_hf(self.chunks, self.hf_config, self.tokenizer, self.layout, path, dtype=self.compute_dtype)
 
     def state_dict(self) -> dict[str, object]:
         """Training state that is not weights: the optimizer steps taken (the LR schedule's position)
@@ -326,7 +343,7 @@ def build_megatron_engine(model: ModelConfig, pretrained: PretrainedCheckpointCo
         raise ValueError(f"model.engine=megatron has no sliding-window attention: {hf_config.model_type}'s window of "
                          f"{window} tokens is shorter than model.encoder_seq_length={model.encoder_seq_length}")
     layout = check_layout(hf_config, model.tensor_model_parallel_size, model.pipeline_model_parallel_size,
-                          sequence_parallel=model.sequence_parallel)
+                          vp=model.virtual_pipeline_model_parallel_size, sequence_parallel=model.sequence_parallel)
     tokenizer_path = pretrained.tokenizer_path or pretrained.restore_from_path
     if tokenizer_path is None:
         raise ValueError("pretrained_checkpoint.tokenizer_path must be set when the model is built from model_config")

@@ -20,6 +20,7 @@ class MegatronLayout:
     tp_rank: int
     pp_size: int
     pp_rank: int
+    vp_size: int  # chunks of layers per pipeline stage (1: no virtual pipeline)
     dp_size: int
     dp_rank: int
     tp_group: dist.ProcessGroup | None
@@ -29,6 +30,12 @@ class MegatronLayout:
     last_stage_rank: int  # the global rank of this rank's pipeline's last stage
     vocab_start_index: int  # the first vocabulary entry of this rank's slice of the output layer
     sequence_parallel: bool
+
+    def layer_offset(self, config: PretrainedConfig, chunk: int) -> int:
+        """The first (whole-model) layer of this stage's chunk `chunk`: chunk c of stage s holds layers
+        (c x pp + s) x k ... of k = layers / (pp x vp) each, as megatron interleaves them."""
+        per_chunk = config.num_hidden_layers // (self.pp_size * self.vp_size)
+        return (chunk * self.pp_size + self.pp_rank) * per_chunk
 
     @property
     def sequence_multiple(self) -> int:
@@ -54,7 +61,8 @@ class MegatronLayout:
         return tensor
 
 
-def check_layout(config: PretrainedConfig, tp: int, pp: int, *, sequence_parallel: bool = False) -> MegatronLayout:
+def check_layout(config: PretrainedConfig, tp: int, pp: int, *, vp: int | None = None,
+                 sequence_parallel: bool = False) -> MegatronLayout:
     """Fail early, naming the config key, if `tp` x `pp` cannot split this world and this model; then set up
     (or, in a process that already has it, reuse) megatron's parallel_state for it."""
     world = dist.get_world_size()
@@ -67,22 +75,24 @@ def check_layout(config: PretrainedConfig, tp: int, pp: int, *, sequence_paralle
                                                  f"{heads} attention and {kv_heads} key/value heads"),
         (config.vocab_size % tp == 0, f"model.tensor_model_parallel_size={tp} must divide the vocabulary "
                                       f"({config.vocab_size} entries)"),
-        (config.num_hidden_layers % pp == 0, f"model.pipeline_model_parallel_size={pp} must divide the "
-                                             f"{config.num_hidden_layers} layers"),
+        (config.num_hidden_layers % (pp * (vp or 1)) == 0,
+         f"model.pipeline_model_parallel_size={pp} x model.virtual_pipeline_model_parallel_size={vp} must divide "
+         f"the {config.num_hidden_layers} layers"),
         (not sequence_parallel or tp > 1, "model.sequence_parallel=true needs model.tensor_model_parallel_size > 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     if parallel_state.model_parallel_is_initialized():
-        sizes = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
-        if sizes != (tp, pp):
-            raise ValueError(f"this process already runs megatron with tp={sizes[0]} pp={sizes[1]}, not tp={tp} pp={pp}")
+        sizes = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+                 parallel_state.get_virtual_pipeline_model_parallel_world_size())
+        if sizes != (tp, pp, vp):
+            raise ValueError(f"this process already runs megatron with tp, pp, vp = {sizes}, not {(tp, pp, vp)}")
     else:
-        parallel_state.initialize_model_parallel(tp, pp)
+        parallel_state.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vp)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     return MegatronLayout(
-        tp_size=tp, tp_rank=tp_rank, pp_size=pp, pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        tp_size=tp, tp_rank=tp_rank, pp_size=pp, pp_rank=parallel_state.get_pipeline_model_parallel_rank(), vp_size=vp or 1,
         dp_size=parallel_state.get_data_parallel_world_size(), dp_rank=parallel_state.get_data_parallel_rank(),
         tp_group=parallel_state.get_tensor_model_parallel_group() if tp > 1 else None,
         pp_group=parallel_state.get_pipeline_model_parallel_group(),

@@ -54,7 +54,9 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequenc
         return hidden, loss_func
 
     with cuda_placements_on_cpu():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+        # an interleaved (virtual) pipeline runs every micro-batch through each chunk: an iterator per chunk
+        batches = [iter(micro_batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro_batches)
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches,
                                     model=model_chunks, num_microbatches=len(micro_batches), seq_length=length,
                                     micro_batch_size=rows, forward_only=forward_only)
     return totals

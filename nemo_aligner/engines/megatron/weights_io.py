@@ -82,21 +82,22 @@ def num_parameters(source: HFSource, config: PretrainedConfig) -> int:
     return sum(source.numel(name) for name in names)
 
 
-def load_local(module: nn.Module, source: HFSource, config: PretrainedConfig, layout: MegatronLayout) -> None:
-    """Fill `module` (this rank's stage of megatron's GPTModel) with its slices of the HF weights, made
-    one weight at a time from the tensors it needs: a rank never holds more than its own weights and one
-    whole tensor being sliced. Every HF tensor must have a megatron counterpart."""
+def load_local(module: nn.Module, source: HFSource, config: PretrainedConfig, layout: MegatronLayout, *,
+               layer_offset: int) -> None:
+    """Fill `module` (this rank's stage, or a chunk of it, of megatron's GPTModel, whose first layer is the
+    whole model's `layer_offset`) with its slices of the HF weights, made one weight at a time from the
+    tensors it needs: a rank never holds more than its own weights and one whole tensor being sliced.
+    Every HF tensor must have a megatron counterpart."""
     qkv_bias = f"{HF_LAYER.format(0)}self_attn.q_proj.bias" in source.names
     check_all_converted(source.names - {"lm_head.weight"} if config.tie_word_embeddings else source.names, config,
                         qkv_bias=qkv_bias)
     makers = conversions(config, source.read, qkv_bias=qkv_bias)
-    per_stage = config.num_hidden_layers // layout.pp_size
     with torch.no_grad():
         for name, param in module.named_parameters():
             whole = name
             if name.startswith("decoder.layers."):
                 index = int(name.split(".")[2])
-                whole = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + layout.pp_rank * per_stage}.", 1)
+                whole = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + layer_offset}.", 1)
             elif name == "output_layer.weight" and config.tie_word_embeddings:  # the last stage's copy of the embedding
                 whole = "embedding.word_embeddings.weight"
             if whole not in makers:
@@ -165,18 +166,21 @@ def step_kept_apart(optimizer: object) -> Iterator[None]:
                     state["step"] = state["step"].detach().clone()
 
 
-def whole_megatron_state(module: nn.Module, config: PretrainedConfig, layout: MegatronLayout) -> dict[str, torch.Tensor]:
+def whole_megatron_state(chunks: list[nn.Module], config: PretrainedConfig, layout: MegatronLayout) -> dict[str, torch.Tensor]:
     """Every weight of the model under megatron's whole-model names, on global rank 0 ({} elsewhere):
-    tensor-parallel slices gathered within each stage, stages gathered on the first."""
-    local = {}
-    for name, param in module.named_parameters():
-        piece = param.detach()
-        if layout.tp_size > 1:
-            pieces = [torch.empty_like(piece) for _ in range(layout.tp_size)]
-            dist.all_gather(pieces, piece.contiguous(), group=layout.tp_group)
-            piece = tensor_parallel_unshard(name, pieces)
-        local[name] = piece.cpu()
-    stage = stage_to_model_names(local, config, layout.pp_rank, layout.pp_size)
+    tensor-parallel slices gathered within each stage, the stage's chunks renamed, stages gathered on
+    the first."""
+    stage: dict[str, torch.Tensor] = {}
+    for index, chunk in enumerate(chunks):
+        local = {}
+        for name, param in chunk.named_parameters():
+            piece = param.detach()
+            if layout.tp_size > 1:
+                pieces = [torch.empty_like(piece) for _ in range(layout.tp_size)]
+                dist.all_gather(pieces, piece.contiguous(), group=layout.tp_group)
+                piece = tensor_parallel_unshard(name, pieces)
+            local[name] = piece.cpu()
+        stage.update(stage_to_model_names(local, config, layout.layer_offset(config, index)))
     if layout.tp_rank != 0 or layout.dp_rank != 0:
         return {}
     if layout.pp_size == 1:
@@ -188,12 +192,12 @@ def whole_megatron_state(module: nn.Module, config: PretrainedConfig, layout: Me
     return {name: tensor for piece in stages for name, tensor in piece.items()}  # type: ignore[union-attr]
 
 
-def export_hf(module: nn.Module, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, layout: MegatronLayout,
-              path: str, *, dtype: torch.dtype) -> None:
+def export_hf(chunks: list[nn.Module], config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+              layout: MegatronLayout, path: str, *, dtype: torch.dtype) -> None:
     """Write a Hugging Face directory (safetensors in `dtype`, sharded with an index when large; config;
     tokenizer) that transformers loads as is: gathered on global rank 0, written to `path.tmp` and
     renamed, so an interrupted export never looks complete."""
-    whole = whole_megatron_state(module, config, layout)
+    whole = whole_megatron_state(chunks, config, layout)
     if dist.get_rank() == 0:
         weights = megatron_to_hf(whole, config)
         if config.tie_word_embeddings:
