@@ -31,7 +31,7 @@ def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_p
     results = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert results["world"] == 2 and results["resumed_at_step"] == 2
     for name in ("dpo_tp2_swap", "dpo_tp2_sequence_parallel_precomputed", "dpo_pp2_resident", "dpo_dp2_precomputed",
-                 "dpo_pp2_vp2_resident", "spin_tp2", "spin_tp2_sequence_parallel", "sft_tp2_vs_torch_native",
+                 "dpo_pp2_vp2_resident", "dpo_tp2_qwen3", "spin_tp2", "spin_tp2_sequence_parallel", "sft_tp2_vs_torch_native",
                  "resume_tp2_at_pp2", "sft_pp2_vp2_vs_torch_native", "resume_pp2_vp2_at_tp2"):
         assert results[name] < 1e-5, (name, results)
     assert results["export_max_abs_gap"] < 1e-5 and results["export_vp_max_abs_gap"] < 1e-5, results
@@ -167,9 +167,11 @@ def test_tensor_parallel_pieces_and_pipeline_stages_reassemble_the_whole_model(l
     assert all(torch.equal(stage[name], whole[name]) for stage in stages for name in stage)
 
 
-def test_qwen2_with_its_qkv_bias_and_untied_head_scores_and_steps_as_on_torch_native(qwen2_dir: str) -> None:
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_families_score_and_step_as_on_torch_native(family: str, family_dir) -> None:
     """One process, fp32: the same per-token log-probs, SFT loss and gradient norm on both engines, and
-    the same log-probs after the step (the bias and the separate output layer convert and train)."""
+    the same log-probs after the step (qwen2's qkv bias and untied head, qwen3's per-head query and key
+    norms convert and train)."""
     from megatron.core import parallel_state
 
     batch = right_padded_batch(4, 10, 48, seed=8)
@@ -180,7 +182,7 @@ def test_qwen2_with_its_qkv_bias_and_untied_head_scores_and_steps_as_on_torch_na
 
     results = []
     for engine in ("torch_native", "megatron"):
-        policy = GPTModel(model_cfg(engine=engine), pretrained(qwen2_dir), FP32)
+        policy = GPTModel(model_cfg(engine=engine), pretrained(family_dir(family)), FP32)
         policy.setup_optimizer(max_steps=2)
         before = policy.get_logprobs(batch)
         loss = policy.forward_backward(batch, sft)["loss"]

@@ -30,7 +30,7 @@ def _megatron_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, position_ids=positions, attention_mask=None)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # tied embeddings; qkv bias, untied; sliding config
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])  # tied; qkv bias, untied; q/k norms; sliding
 def test_megatron_gpt_with_converted_weights_gives_transformers_logits(family: str, tmp_path) -> None:
     hf = AutoModelForCausalLM.from_pretrained(make_model_dir(str(tmp_path / family), family), dtype=torch.float32).eval()
     model = build_gpt_model(hf.config, dtype=torch.float32).eval()
@@ -44,7 +44,7 @@ def test_megatron_gpt_with_converted_weights_gives_transformers_logits(family: s
     assert (_megatron_logits(model, ids) - reference).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_conversion_round_trips_exactly_and_accounts_for_every_weight(family: str, tmp_path) -> None:
     hf = AutoModelForCausalLM.from_pretrained(make_model_dir(str(tmp_path / family), family), dtype=torch.float32)
     state = hf.state_dict()

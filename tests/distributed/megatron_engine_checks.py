@@ -6,7 +6,8 @@
 
 - DPO, 3 steps (rpo_bwd_kl + SFT term), every metric against torch_native's DP run: megatron at TP=2 with the
   swap reference, at TP=2 with sequence parallelism and the precomputed one, at PP=2 with the resident
-  one, at DP=2 with the precomputed one; a 4-layer model at PP=2 with 2 virtual-pipeline chunks per stage;
+  one, at DP=2 with the precomputed one; qwen3 (per-head query and key norms) at TP=2; a 4-layer model at
+  PP=2 with 2 virtual-pipeline chunks per stage;
 - SPIN, 2 steps with greedy generation, megatron TP=2 (and with sequence parallelism) against torch_native;
 - a checkpoint saved at TP=2 after 2 SFT steps, resumed at PP=2: the next 2 steps against TP=2 going on; the
   same from PP=2 x 2 virtual chunks (the 4-layer model, whose steps are held to torch_native's) to TP=2;
@@ -45,11 +46,17 @@ def gap(expected: list, got: list) -> float:
     return max(abs(float(x) - float(y)) / max(1.0, abs(float(x))) for x, y in pairs)
 
 
-def deeper_model(model_dir: str, path: str) -> str:
-    """`model_dir`'s model with 4 layers (random, seeded, written by rank 0), for a virtual pipeline."""
+def derived_model(model_dir: str, path: str, model_type: str | None = None, **changes: int) -> str:
+    """A random (seeded) model like `model_dir`'s, with `changes` to its config or as another family of the
+    same shape, and its tokenizer, written by rank 0."""
     if dist.get_rank() == 0 and not os.path.isdir(path):
         config = AutoConfig.from_pretrained(model_dir)
-        config.num_hidden_layers = 4
+        if model_type is not None:
+            shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+            config = AutoConfig.for_model(model_type, **{key: getattr(config, key) for key in shape})
+        for key, value in changes.items():
+            setattr(config, key, value)
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(path)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
@@ -91,7 +98,11 @@ def main() -> None:
         got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=3, reference=strategy, engine="megatron", pp=pp,
                         sequence_parallel=sp)
         results[f"dpo_{name}_{strategy.value}"] = gap(reference, got)
-    deeper = deeper_model(args.model_dir, os.path.join(args.workdir, "llama4"))  # 4 layers: 2 stages x 2 chunks
+    qwen3 = derived_model(args.model_dir, os.path.join(args.workdir, "qwen3"), "qwen3")  # per-head q/k norms (TP sums their grads)
+    qwen3_reference = dpo_steps(qwen3, args.pairs, 1, precision, steps=3)
+    fresh_megatron_layout()
+    results["dpo_tp2_qwen3"] = gap(qwen3_reference, dpo_steps(qwen3, args.pairs, 2, precision, steps=3, engine="megatron"))
+    deeper = derived_model(args.model_dir, os.path.join(args.workdir, "llama4"), num_hidden_layers=4)  # 2 stages x 2 chunks
     deeper_reference = dpo_steps(deeper, args.pairs, 1, precision, steps=3)
     fresh_megatron_layout()
     results["dpo_pp2_vp2_resident"] = gap(deeper_reference, dpo_steps(

@@ -18,9 +18,12 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.module import MegatronModule
 from transformers import PretrainedConfig
 
+from nemo_aligner.engines.megatron.convert import has_qk_norms
+
 # The families whose decoder megatron's local spec reproduces: pre-norm RMSNorm, RoPE (non-interleaved),
-# SwiGLU MLP without biases, grouped-query attention with an optional qkv bias.
-FAMILIES = ("llama", "qwen2", "mistral")
+# SwiGLU MLP without biases, grouped-query attention with an optional qkv bias (qwen2) or per-head query and
+# key norms (qwen3).
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def transformer_config(config: PretrainedConfig, *, dtype: torch.dtype) -> TransformerConfig:
@@ -37,7 +40,9 @@ def transformer_config(config: PretrainedConfig, *, dtype: torch.dtype) -> Trans
         num_attention_heads=heads, num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
         kv_channels=getattr(config, "head_dim", None) or config.hidden_size // heads,
         normalization="RMSNorm", layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=config.model_type == "qwen2",
+        activation_func=F.silu, add_bias_linear=False,
+        add_qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        qk_layernorm=has_qk_norms(config),
         attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         persist_layer_norm=False, use_cpu_initialization=True, params_dtype=dtype,
@@ -98,8 +103,11 @@ def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype, pipeline_st
     stage, the final norm and output layer on the last), as megatron's parallel_state places it; with
     `chunks` > 1 (virtual pipeline), the stage's chunk `chunk` of them; with `sequence_parallel`,
     activations outside the tensor-parallel blocks split along the sequence."""
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=has_qk_norms(config))
     layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if has_qk_norms(config):  # megatron's finalize_model_grads sums their gradients over the TP ranks' heads
+        layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
     layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.linear_proj = RowParallelLinearWithGroup
     layer.submodules.mlp.submodules.linear_fc2 = RowParallelLinearWithGroup

@@ -1,10 +1,11 @@
-"""Hugging Face <-> megatron-core GPTModel weights, for the Llama-style families (llama, qwen2, mistral).
+"""Hugging Face <-> megatron-core GPTModel weights, for the Llama-style families (llama, qwen2, qwen3, mistral).
 
 Names and layouts (megatron's local layer spec):
   model.embed_tokens.weight            -> embedding.word_embeddings.weight
   layers.i.input_layernorm             -> decoder.layers.i.input_layernorm
   layers.i.self_attn.{q,k,v}_proj      -> decoder.layers.i.self_attention.linear_qkv: one block per key/value
                                           group, [that group's query heads; its key head; its value head]
+  layers.i.self_attn.{q,k}_norm         -> decoder.layers.i.self_attention.{q,k}_layernorm (qwen3: per-head norms)
   layers.i.self_attn.o_proj            -> decoder.layers.i.self_attention.linear_proj
   layers.i.post_attention_layernorm    -> decoder.layers.i.pre_mlp_layernorm
   layers.i.mlp.{gate,up}_proj          -> decoder.layers.i.mlp.linear_fc1 ([gate; up]: megatron's gated unit
@@ -30,6 +31,14 @@ RENAMED = {"input_layernorm.weight": "input_layernorm.weight",
            "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
            "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
            "mlp.down_proj.weight": "mlp.linear_fc2.weight"}
+# per layer, qwen3's norms of each query and key head (megatron's qk_layernorm)
+QK_NORMS = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+            "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
+
+
+def has_qk_norms(config: PretrainedConfig) -> bool:
+    """Whether the family normalises each query and key head before RoPE (qwen3)."""
+    return config.model_type == "qwen3"
 
 
 def _heads(config: PretrainedConfig) -> tuple[int, int, int]:
@@ -69,7 +78,7 @@ def conversions(config: PretrainedConfig, read: Callable[[str], torch.Tensor], *
         out["output_layer.weight"] = functools.partial(read, "lm_head.weight")
     for i in range(config.num_hidden_layers):
         hf, mg = HF_LAYER.format(i), MEGATRON_LAYER.format(i)
-        for hf_name, mg_name in RENAMED.items():
+        for hf_name, mg_name in {**RENAMED, **(QK_NORMS if has_qk_norms(config) else {})}.items():
             out[mg + mg_name] = functools.partial(read, hf + hf_name)
         attn = hf + "self_attn."
         for kind in ("weight", "bias") if qkv_bias else ("weight",):
@@ -101,7 +110,7 @@ def megatron_to_hf(state: dict[str, torch.Tensor], config: PretrainedConfig) -> 
            "lm_head.weight": state["embedding.word_embeddings.weight" if config.tie_word_embeddings else "output_layer.weight"]}
     for i in range(config.num_hidden_layers):
         hf, mg = HF_LAYER.format(i), MEGATRON_LAYER.format(i)
-        for hf_name, mg_name in RENAMED.items():
+        for hf_name, mg_name in {**RENAMED, **(QK_NORMS if has_qk_norms(config) else {})}.items():
             out[hf + hf_name] = state[mg + mg_name]
         q, k, v = split_qkv(state[mg + "self_attention.linear_qkv.weight"], config)
         out.update({f"{hf}self_attn.q_proj.weight": q, f"{hf}self_attn.k_proj.weight": k, f"{hf}self_attn.v_proj.weight": v})
@@ -160,7 +169,8 @@ def _hf_names(config: PretrainedConfig, *, qkv_bias: bool) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]  # tied: the embedding's alias
     for i in range(config.num_hidden_layers):
         hf = HF_LAYER.format(i)
-        names += [hf + n for n in RENAMED] + [f"{hf}mlp.{p}_proj.weight" for p in ("gate", "up")]
+        names += [hf + n for n in {**RENAMED, **(QK_NORMS if has_qk_norms(config) else {})}]
+        names += [f"{hf}mlp.{p}_proj.weight" for p in ("gate", "up")]
         names += [f"{hf}self_attn.{p}_proj.{kind}" for p in "qkv" for kind in (("weight", "bias") if qkv_bias else ("weight",))]
     return names
 
