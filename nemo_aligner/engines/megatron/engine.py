@@ -33,7 +33,7 @@ from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements
 from nemo_aligner.engines.megatron.generation import generate
 from nemo_aligner.engines.megatron.layout import MegatronLayout, check_layout
 from nemo_aligner.engines.megatron.schedule import forward_backward, same_length
-from nemo_aligner.engines.torch_native.build import load_hf_config, load_tokenizer
+from nemo_aligner.engines.hf_dir import load_hf_config, load_tokenizer
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams, check_same_weights
 from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed, log_rank0
 from nemo_aligner.utils.lr_schedule import lr_at

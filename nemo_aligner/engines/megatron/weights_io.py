@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from nemo_aligner.engines.hf_dir import random_init
 from nemo_aligner.engines.megatron.convert import (HF_LAYER, check_all_converted, conversions, megatron_to_hf,
                                                    stage_to_model_names, tensor_parallel_shard, tensor_parallel_unshard)
 from nemo_aligner.engines.megatron.layout import MegatronLayout
@@ -43,9 +44,7 @@ class HFSource:
         """The weights of `restore_from_path` (through transformers where it has no safetensors), or
         transformers' random init from `seed`: the torch_native engine's, so both start from the same."""
         if restore_from_path is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return cls(state=AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict())
+            return cls(state=random_init(config, seed))
         index = os.path.join(restore_from_path, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:

@@ -9,32 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig,
-                          PreTrainedTokenizerBase)
+from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM, PretrainedConfig)
 
+from nemo_aligner.engines.hf_dir import random_init
 from nemo_aligner.engines.torch_native.varlen_attention import VARLEN, register_varlen_attention
 
 logger = logging.getLogger(__name__)
 
-def load_hf_config(restore_from_path: str | None, model_config: dict[str, Any] | None) -> PretrainedConfig:
-    """The model's HF config, from `restore_from_path/config.json` or from a dict with `model_type`."""
-    if restore_from_path is not None:
-        _check_model_dir(restore_from_path)
-        return AutoConfig.from_pretrained(restore_from_path, local_files_only=True)
-    assert model_config is not None
-    kwargs = dict(model_config)
-    if "model_type" not in kwargs:
-        raise ValueError("pretrained_checkpoint.model_config needs a 'model_type' key (e.g. llama, qwen2)")
-    if "attn_implementation" in kwargs:
-        raise ValueError("pretrained_checkpoint.model_config.attn_implementation is not read; set "
-                         f"model.attn_implementation={kwargs['attn_implementation']} instead")
-    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
 def attention_implementation(config: PretrainedConfig, requested: str | None, *, packed_on_cuda: bool) -> str:
@@ -66,36 +52,20 @@ def random_init_on_rank0(config: PretrainedConfig, seed: int) -> dict[str, torch
     so every parallel layout starts from the same weights."""
     if dist.get_rank() != 0:
         return {}
-    with _fork_rng(seed):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        logger.info("random init of %s (seed %d)", config.model_type, seed)
-    return model.state_dict()
+    logger.info("random init of %s (seed %d)", config.model_type, seed)
+    return random_init(config, seed)
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside a model (local files only); pad falls back to EOS."""
-    _check_model_dir(path, need_config=False)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer in {path} defines no EOS token; generation and response masking need one")
-    return tokenizer
-
-
-def _check_model_dir(path: str, need_config: bool = True) -> None:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"model directory '{path}' does not exist or is not a directory; set "
-            "pretrained_checkpoint.restore_from_path to a local Hugging Face model directory"
-        )
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise PermissionError(f"model directory '{path}' is not readable by this user")
-    if need_config and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"'{path}' has no config.json, so it is not a Hugging Face model directory; point "
-            "pretrained_checkpoint.restore_from_path at the folder that holds config.json and *.safetensors"
-        )
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share another name's parameter (tied embeddings) -> that first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 @contextlib.contextmanager
@@ -113,22 +83,3 @@ def _parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def _fork_rng(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """Parameter names that share another name's parameter (tied embeddings) -> that first name."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases

@@ -24,8 +24,8 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.engines.base import ReduceOp, WeightPlace
 from nemo_aligner.engines.torch_native import checkpoint, weights
-from nemo_aligner.engines.torch_native.build import (attention_implementation, build_meta_model, load_hf_config,
-                                                     load_tokenizer, random_init_on_rank0)
+from nemo_aligner.engines.hf_dir import load_hf_config, load_tokenizer
+from nemo_aligner.engines.torch_native.build import attention_implementation, build_meta_model, random_init_on_rank0
 from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
 from nemo_aligner.engines.torch_native.generation import Decoder, generate, generation_bytes_per_row
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
