@@ -250,3 +250,26 @@ def test_compiled_layers_score_and_step_as_eager_ones_without_graph_breaks(llama
     torch.testing.assert_close(lp_compiled, lp_eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
     assert abs(norm_compiled - norm_eager) <= 1e-4 * norm_eager
+
+
+def test_greedy_generation_from_the_kv_cache_equals_torch_native_on_left_padded_prompts(llama_dir: str) -> None:
+    """Prompts of different lengths (left-padded), greedy, fp32: the megatron engine's generation (static KV
+    cache) gives torch_native's tokens and lengths, EOS included."""
+    from megatron.core import parallel_state
+
+    prompts = [[1, 5, 9, 13, 4, 22], [1, 30], [1, 7, 7, 40], [1, 11, 12]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    from nemo_aligner.types import LengthParams, SamplingParams
+
+    outputs = []
+    try:
+        for engine in ("torch_native", "megatron"):
+            policy = GPTModel(model_cfg(engine=engine), pretrained(llama_dir), FP32)
+            outputs.append(policy.generate(ids, mask, SamplingParams(use_greedy=True), LengthParams(max_length=9)))
+    finally:
+        parallel_state.destroy_model_parallel()
+    native, megatron = outputs
+    assert torch.equal(megatron.tokens, native.tokens)
+    assert torch.equal(megatron.response_lengths, native.response_lengths)

@@ -1,13 +1,14 @@
-"""Generation on megatron's GPTModel (one pipeline stage): every step runs the whole sequence so far, with a
-mask that hides the prompts' left padding, and samples the next token from the last position's logits
-(gathered over the tensor-parallel vocabulary slices). No KV cache: correct and simple, quadratic in the
-sequence; fast rollouts are the torch_native engine's decoder."""
+"""Generation on megatron's GPTModel (one pipeline stage) against megatron's static KV cache: the prompts are
+prefilled with a mask that hides their left padding, each later step feeds one token per row, and the
+next token is sampled from the last position's logits (gathered over the tensor-parallel vocabulary
+slices). Under sequence parallelism every step recomputes the sequence so far instead."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from torch import nn
 
@@ -41,12 +42,22 @@ def generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     response_lengths = torch.zeros(batch, dtype=torch.long, device=device)
     responses = torch.full((batch, length.max_length), pad_token_id, dtype=torch.long, device=device)
+    # megatron's static KV cache, except under sequence parallelism (one new token cannot be split over the
+    # TP ranks), where every step recomputes the sequence so far
+    cache = None if layout.sequence_parallel else StaticInferenceContext(batch, input_ids.shape[1] + length.max_length)
     for step in range(length.max_length):
-        ids, attend = tokens, mask
-        pad = -tokens.shape[1] % layout.sequence_multiple  # sequence parallelism splits the sequence evenly
-        if pad:
-            ids, attend = F.pad(tokens, (pad, 0), value=pad_token_id), F.pad(mask, (pad, 0), value=0)
-        logits = _whole_vocabulary(_last_position_logits(module, ids, attend, layout), layout)
+        if cache is not None and step > 0:  # the newest token against every cached position
+            ids, hidden = tokens[:, -1:], ~mask.bool()[:, None, None, :]
+        else:
+            ids, attend = tokens, mask
+            pad = -tokens.shape[1] % layout.sequence_multiple  # sequence parallelism splits the sequence evenly
+            if pad:
+                ids, attend = F.pad(tokens, (pad, 0), value=pad_token_id), F.pad(mask, (pad, 0), value=0)
+            hidden = hidden_positions(attend)
+        logits = _whole_vocabulary(_last_position_logits(module, ids, hidden, layout, cache), layout)
+        if cache is not None:
+            cache.sequence_len_offset += ids.shape[1]
+            cache.enable_decode_mode()
         if step < length.min_length:
             logits[:, eos_token_id] = float("-inf")
         uniform = None if sampling.use_greedy else torch.rand(logits.shape, generator=generator, device=device)
@@ -66,23 +77,25 @@ def generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
                        prompt_lengths=attention_mask.sum(dim=-1), response_lengths=response_lengths)
 
 
-def _last_position_logits(module: nn.Module, ids: torch.Tensor, attend: torch.Tensor,
-                          layout: MegatronLayout) -> torch.Tensor:
-    """[B, V / tp] fp32 logits of the last position only: the final hidden states come out of the model
-    (its post-processing switched off for the call) and only the last one meets this rank's slice of
-    the output layer, instead of every position's logits in every step."""
-    position_ids = (attend.cumsum(dim=-1) - 1).clamp(min=0)
+def _last_position_logits(module: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, layout: MegatronLayout,
+                          cache: StaticInferenceContext | None) -> torch.Tensor:
+    """[B, V / tp] fp32 logits of the last position of `ids` (keys hidden where `hidden`; with `cache`, after
+    the cached positions): the final hidden states come out of the model (its post-processing switched off
+    for the call) and only the last one meets this rank's slice of the output layer. RoPE is applied by
+    position in the sequence, left padding included: a row's tokens all shift by its padding, which
+    leaves every relative position, and so every attention score, as it is."""
     module.post_process = False
     try:
         with cuda_placements_on_cpu():
-            hidden = module(input_ids=ids, position_ids=position_ids, attention_mask=hidden_positions(attend))
+            states = module(input_ids=ids, position_ids=None, attention_mask=hidden, inference_context=cache,
+                            runtime_gather_output=True)  # megatron asserts it whenever a cache is given
             if layout.sequence_parallel:
-                hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+                states = gather_from_sequence_parallel_region(states, tensor_parallel_output_grad=False)
     finally:
         module.post_process = True
     weight = (module.shared_embedding_or_output_weight() if module.share_embeddings_and_output_weights
               else module.output_layer.weight)
-    return (hidden[-1] @ weight.T).float()
+    return (states[-1] @ weight.T).float()
 
 
 def _whole_vocabulary(logits: torch.Tensor, layout: MegatronLayout) -> torch.Tensor:
