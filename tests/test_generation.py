@@ -158,16 +158,19 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_and_is_compiled_once(po
 
 
 def test_generation_bytes_per_row_count_the_static_cache_and_the_sampling_buffers() -> None:
-    """Per row: layers x (keys, values) x this rank's key/value heads x head size x the cache length
-    (rounded up as the Decoder sizes it) x bytes, plus 4 fp32 vocabulary-sized sampling buffers."""
+    """Per row: layers x (keys, values) x this rank's key/value heads x head size x the cache positions
+    (the torch_native engine rounds them up as its CUDA-graphed Decoder sizes them) x bytes, plus 4 fp32
+    vocabulary-sized sampling buffers."""
     from transformers import AutoConfig
 
-    from nemo_aligner.engines.torch_native.generation import generation_bytes_per_row
+    from nemo_aligner.engines.decoding import generation_bytes_per_row
+    from nemo_aligner.engines.torch_native.generation import cache_length
 
     config = AutoConfig.for_model("qwen2", num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                   hidden_size=896, vocab_size=151936)
-    assert generation_bytes_per_row(config, 300, compute_bytes=2, tp=1) == 24 * 2 * 2 * 64 * 384 * 2 + 4 * 151936 * 4
-    assert generation_bytes_per_row(config, 384, compute_bytes=2, tp=2) == 24 * 2 * 1 * 64 * 384 * 2 + 4 * 151936 * 4
+    assert cache_length(300) == 384
+    assert generation_bytes_per_row(config, 384, compute_bytes=2, tp=1) == 24 * 2 * 2 * 64 * 384 * 2 + 4 * 151936 * 4
+    assert generation_bytes_per_row(config, 300, compute_bytes=2, tp=2) == 24 * 2 * 1 * 64 * 300 * 2 + 4 * 151936 * 4
 
 
 def test_rollouts_come_in_chunks_of_the_rows_that_fit(policy: GPTModel, monkeypatch) -> None:

@@ -273,3 +273,24 @@ def test_greedy_generation_from_the_kv_cache_equals_torch_native_on_left_padded_
     native, megatron = outputs
     assert torch.equal(megatron.tokens, native.tokens)
     assert torch.equal(megatron.response_lengths, native.response_lengths)
+
+
+def test_rollout_rows_that_fit_count_the_exact_kv_cache_on_a_gpu(monkeypatch) -> None:
+    """On CUDA: the free memory's fraction over one row's KV cache (exactly prompt + new positions, this TP
+    rank's key/value heads) and sampling buffers; None on CPU, where memory is no limit."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from nemo_aligner.engines.decoding import generation_bytes_per_row
+    from nemo_aligner.engines.megatron.engine import MegatronEngine
+
+    config = AutoConfig.for_model("qwen2", num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                  hidden_size=896, vocab_size=151936)
+    engine = SimpleNamespace(device=torch.device("cuda"), hf_config=config, compute_dtype=torch.bfloat16,
+                             layout=SimpleNamespace(tp_size=2))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 140 * 2**30))
+    per_row = generation_bytes_per_row(config, 512, compute_bytes=2, tp=2)
+    assert MegatronEngine.generation_rows_that_fit(engine, 512, 0.5) == 40 * 2**30 // per_row
+    engine.device = torch.device("cpu")
+    assert MegatronEngine.generation_rows_that_fit(engine, 512, 0.5) is None

@@ -33,6 +33,7 @@ from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements
 from nemo_aligner.engines.megatron.generation import generate
 from nemo_aligner.engines.megatron.layout import MegatronLayout, check_layout
 from nemo_aligner.engines.megatron.schedule import forward_backward, same_length
+from nemo_aligner.engines.decoding import generation_bytes_per_row
 from nemo_aligner.engines.hf_dir import load_hf_config, load_tokenizer
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams, check_same_weights
 from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed, log_rank0
@@ -195,7 +196,14 @@ class MegatronEngine:
                         generator=generator, layout=self.layout)
 
     def generation_rows_that_fit(self, positions: int, memory_fraction: float) -> int | None:
-        return None  # every step recomputes the whole sequence: activations, not a cache, bound the rows
+        """Rows whose KV cache (megatron's, exactly `positions` long) and sampling buffers fit in
+        `memory_fraction` of the free device memory; None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_row = generation_bytes_per_row(self.hf_config, positions, compute_bytes=self.compute_dtype.itemsize,
+                                           tp=self.layout.tp_size)
+        return max(1, int(free * memory_fraction) // per_row)
 
     # ---------------------------------------------------------- optimizer offload
     def offload_optimizer_state(self) -> None:

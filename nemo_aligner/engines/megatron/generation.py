@@ -14,7 +14,7 @@ from torch import nn
 
 from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
 from nemo_aligner.engines.megatron.layout import MegatronLayout
-from nemo_aligner.engines.sampling import FINISHED_CHECK_INTERVAL, sample_next_token
+from nemo_aligner.engines.decoding import FINISHED_CHECK_INTERVAL, sample_next_token
 from nemo_aligner.types import Generations, LengthParams, SamplingParams
 
 

@@ -27,7 +27,8 @@ from nemo_aligner.engines.torch_native import checkpoint, weights
 from nemo_aligner.engines.hf_dir import load_hf_config, load_tokenizer
 from nemo_aligner.engines.torch_native.build import attention_implementation, build_meta_model, random_init_on_rank0
 from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
-from nemo_aligner.engines.torch_native.generation import Decoder, generate, generation_bytes_per_row
+from nemo_aligner.engines.decoding import generation_bytes_per_row
+from nemo_aligner.engines.torch_native.generation import Decoder, cache_length, generate
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
 from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline,
                                                       check_tensor_parallel, resolve_packing, resolve_sharding)
@@ -231,7 +232,7 @@ class TorchNativeEngine:
         if self.device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_row = generation_bytes_per_row(self.hf_config, positions, compute_bytes=self.compute_dtype.itemsize,
+        per_row = generation_bytes_per_row(self.hf_config, cache_length(positions), compute_bytes=self.compute_dtype.itemsize,
                                            tp=self.tp_size)
         return max(1, int(free * memory_fraction) // per_row)
 

@@ -18,9 +18,9 @@ import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import PretrainedConfig, StaticCache
+from transformers import StaticCache
 
-from nemo_aligner.engines.sampling import FINISHED_CHECK_INTERVAL, sample_next_token
+from nemo_aligner.engines.decoding import FINISHED_CHECK_INTERVAL, sample_next_token
 from nemo_aligner.types import Generations, LengthParams, SamplingParams
 
 # With CUDA graphs, static caches are sized in multiples of this many positions, so generations whose
@@ -32,25 +32,11 @@ CACHE_LENGTH_MULTIPLE = 128
 MIN_COMPACTED_ROWS = 4
 # Compiled decode steps dynamo may keep (batch halvings x cache lengths over a run) before it falls back to eager
 DECODE_GRAPHS_LIMIT = 64
-# fp32 [B, vocab] tensors a sampling step holds at once per row (logits, probabilities, sorted values and order)
-SAMPLING_BUFFERS_PER_ROW = 4
 
 
 def cache_length(positions: int) -> int:
     """The static cache length a generation over `positions` positions gets (a multiple of CACHE_LENGTH_MULTIPLE)."""
     return -(-positions // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-
-
-def generation_bytes_per_row(config: PretrainedConfig, positions: int, *, compute_bytes: int, tp: int) -> int:
-    """Device bytes one generated row takes on a tensor-parallel rank: its static KV cache (every layer's
-    keys and values over the cache length, this rank's share of the key/value heads) and its fp32
-    sampling buffers over the vocabulary."""
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = -(-(getattr(text, "num_key_value_heads", None) or heads) // tp)
-    kv_cache = text.num_hidden_layers * 2 * kv_heads * head_dim * cache_length(positions) * compute_bytes
-    return kv_cache + SAMPLING_BUFFERS_PER_ROW * text.vocab_size * 4
 
 
 class Decoder:

@@ -1,9 +1,11 @@
-"""Token sampling for every engine's generation loop: greedy, or temperature / top-k / top-p by the
-Gumbel-max rule, and how often a loop checks whether every row has finished."""
+"""What every engine's generation loop shares: token sampling (greedy, or temperature / top-k / top-p by the
+Gumbel-max rule), how often the loop checks whether every row has finished, and the device memory a
+generated row takes."""
 
 from __future__ import annotations
 
 import torch
+from transformers import PretrainedConfig
 
 from nemo_aligner.types import SamplingParams
 
@@ -11,6 +13,8 @@ from nemo_aligner.types import SamplingParams
 # (and all-reduces it over data-parallel ranks), which stalls the host's launching of the next steps.
 # Steps past the last row's EOS only add padding, which is cut off, so the output does not depend on it.
 FINISHED_CHECK_INTERVAL = 8
+# fp32 [B, vocab] tensors a sampling step holds at once per row (logits, probabilities, sorted values and order)
+SAMPLING_BUFFERS_PER_ROW = 4
 
 
 def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, uniform: torch.Tensor | None) -> torch.Tensor:
@@ -33,3 +37,15 @@ def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, uniform: t
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
     return (logits + gumbel).argmax(dim=-1)
+
+
+def generation_bytes_per_row(config: PretrainedConfig, cache_positions: int, *, compute_bytes: int, tp: int) -> int:
+    """Device bytes one generated row takes on a tensor-parallel rank: its KV cache (every layer's keys and
+    values over `cache_positions` positions, this rank's share of the key/value heads) and its fp32
+    sampling buffers over the vocabulary."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = -(-(getattr(text, "num_key_value_heads", None) or heads) // tp)
+    kv_cache = text.num_hidden_layers * 2 * kv_heads * head_dim * cache_positions * compute_bytes
+    return kv_cache + SAMPLING_BUFFERS_PER_ROW * text.vocab_size * 4
