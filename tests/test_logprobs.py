@@ -249,3 +249,23 @@ def test_compiled_kernels_equal_eager(monkeypatch):
         for eager, fast in zip(*results):
             assert fast is not None and eager is not None and fast is not eager
             torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_scored_linear_logprobs_fill_only_the_scored_targets_and_need_no_index():
+    """The response-only head of both engines: each scored target's log-prob under the full logits, 0 at every
+    other target; found from the target mask, or given as types' scored_index, the same."""
+    from nemo_aligner.types import with_scored_index
+    from nemo_aligner.utils.logprobs import scored_linear_logprobs
+
+    gen = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(3, 6, 8, generator=gen), torch.randn(11, 8, generator=gen)
+    input_ids = torch.randint(0, 11, (3, 7), generator=gen)
+    loss_mask = torch.zeros(3, 7)
+    loss_mask[0, 3:], loss_mask[2, 5:] = 1, 1  # row 1 scores nothing
+    targets = loss_mask[:, 1:] > 0
+    full = torch.log_softmax(hidden @ weight.T, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    found = scored_linear_logprobs(hidden, weight, input_ids, targets, chunk_size=2)
+    torch.testing.assert_close(found, torch.where(targets, full, torch.zeros(())), rtol=1e-5, atol=1e-6)
+    index = with_scored_index({"input_ids": input_ids, "attention_mask": torch.ones(3, 7), "loss_mask": loss_mask})
+    assert torch.equal(scored_linear_logprobs(hidden, weight, input_ids, targets, scored_index=index["scored_index"],
+                                              chunk_size=2), found)

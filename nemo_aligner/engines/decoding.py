@@ -39,6 +39,15 @@ def sample_next_token(logits: torch.Tensor, sampling: SamplingParams, uniform: t
     return (logits + gumbel).argmax(dim=-1)
 
 
+def rollout_generator(seed: int, dp_rank: int, sampled_calls: int, device: torch.device) -> torch.Generator:
+    """The RNG of a generate call: a function of (seed, data-parallel rank, sampled generate calls so far), so
+    rollouts resume exactly and every rank of one tensor-parallel group draws the same tokens, whichever
+    engine generates."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1_000_003 + dp_rank * 7_919 + sampled_calls)
+    return generator
+
+
 def generation_bytes_per_row(config: PretrainedConfig, cache_positions: int, *, compute_bytes: int, tp: int) -> int:
     """Device bytes one generated row takes on a tensor-parallel rank: its KV cache (every layer's keys and
     values over `cache_positions` positions, this rank's share of the key/value heads) and its fp32

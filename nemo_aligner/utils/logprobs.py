@@ -253,3 +253,27 @@ def linear_logprobs(
                          "must be [N, H], [V_local, H] and [N]")
     group = _sharding_group(tp_group, chunk_size)
     return _LinearVocabParallelLogprobs.apply(hidden, weight, labels, group, vocab_start_index, chunk_size)
+
+
+def scored_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    scored_index: torch.Tensor | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start_index: int = 0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """[B, T-1] fp32 log p(input_ids[:, t+1]) at the `targets` [B, T-1] positions, 0 elsewhere, from the
+    hidden states [B, T-1, H] that predict them: only the scored rows meet the output projection
+    (linear_logprobs), so prompts cost no output-layer work. `scored_index` (types.with_scored_index)
+    names those rows without the device-to-host wait that finding them in `targets` costs."""
+    index = scored_index if scored_index is not None else targets.reshape(-1).nonzero().squeeze(1)
+    scored = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), weight,
+                             input_ids[:, 1:].reshape(-1).index_select(0, index), tp_group=tp_group,
+                             vocab_start_index=vocab_start_index, chunk_size=chunk_size)
+    return torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device).index_copy(
+        0, index, scored).view(targets.shape)
+

@@ -141,6 +141,18 @@ def tensor_parallel_shard(name: str, tensor: torch.Tensor, rank: int, size: int)
     return tensor
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder layer a megatron weight name belongs to (None outside the decoder layers)."""
+    return int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
+
+
+def renumbered(name: str, shift: int) -> str:
+    """Megatron weight `name` with its decoder layer's number moved by `shift` (a stage or chunk numbers its
+    layers from 0; the whole model from its first layer's offset)."""
+    index = layer_index(name)
+    return name if index is None else name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + shift}.", 1)
+
+
 def pipeline_stage_state(state: dict[str, torch.Tensor], config: PretrainedConfig, stage: int,
                          stages: int) -> dict[str, torch.Tensor]:
     """The weights of pipeline stage `stage` of `stages` (megatron names): its contiguous share of the
@@ -152,10 +164,10 @@ def pipeline_stage_state(state: dict[str, torch.Tensor], config: PretrainedConfi
     first, last = stage == 0, stage == stages - 1
     out = {}
     for name, tensor in state.items():
-        if name.startswith("decoder.layers."):
-            index = int(name.split(".")[2])
+        index = layer_index(name)
+        if index is not None:
             if stage * per_stage <= index < (stage + 1) * per_stage:
-                out[name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index - stage * per_stage}.", 1)] = tensor
+                out[renumbered(name, -stage * per_stage)] = tensor
         elif name.startswith("embedding.") and first:
             out[name] = tensor
         elif name.startswith(("decoder.final_layernorm.", "output_layer.")) and last:
@@ -193,12 +205,5 @@ def stage_to_model_names(state: dict[str, torch.Tensor], config: PretrainedConfi
     """A pipeline stage's (or virtual-pipeline chunk's) weights under the whole model's names (the inverse
     of pipeline_stage_state): its layers renumbered from `layer_offset`; a tied output layer (the
     embedding's copy on the last stage of several) dropped."""
-    out = {}
-    for name, tensor in state.items():
-        if name.startswith("decoder.layers."):
-            index = int(name.split(".")[2])
-            name = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + layer_offset}.", 1)
-        elif name == "output_layer.weight" and config.tie_word_embeddings:
-            continue
-        out[name] = tensor
-    return out
+    return {renumbered(name, layer_offset): tensor for name, tensor in state.items()
+            if not (name == "output_layer.weight" and config.tie_word_embeddings)}

@@ -27,13 +27,13 @@ from megatron.core.tensor_parallel.random import initialize_rng_tracker
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.engines.base import ReduceOp, WeightPlace
+from nemo_aligner.engines.base import NonFiniteGradientError, ReduceOp, WeightPlace
 from nemo_aligner.engines.megatron import weights_io
 from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements_on_cpu
 from nemo_aligner.engines.megatron.generation import generate
 from nemo_aligner.engines.megatron.layout import MegatronLayout, check_layout
 from nemo_aligner.engines.megatron.schedule import forward_backward, same_length
-from nemo_aligner.engines.decoding import generation_bytes_per_row
+from nemo_aligner.engines.decoding import generation_bytes_per_row, rollout_generator
 from nemo_aligner.engines.hf_dir import load_hf_config, load_tokenizer
 from nemo_aligner.types import Batch, DataParallel, Generations, LengthParams, LossFn, SamplingParams, check_same_weights
 from nemo_aligner.utils.distributed import all_reduce_max, all_reduce_sum, check_world_size, init_distributed, log_rank0
@@ -42,9 +42,6 @@ from nemo_aligner.utils.offload import HostOffload
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteGradientError(FloatingPointError):
-    """The gradient norm is NaN or inf; the optimizer step was skipped and gradients cleared."""
 
 
 class MegatronEngine:
@@ -188,8 +185,7 @@ class MegatronEngine:
         if self.layout.pp_size > 1:
             raise ValueError("generation with model.engine=megatron needs model.pipeline_model_parallel_size=1 "
                              "(SPIN and RS generate; DPO does not)")
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed * 1_000_003 + self.layout.dp_rank * 7_919 + self.generation_calls)
+        generator = rollout_generator(self.seed, self.layout.dp_rank, self.generation_calls, self.device)
         self.generation_calls += not sampling.use_greedy
         return generate(self.chunks[0], input_ids, attention_mask, sampling=sampling, length=length,
                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
@@ -284,7 +280,10 @@ class MegatronEngine:
         with cuda_placements_on_cpu():
             loaded = dist_checkpointing.load(state, path)
         for key, chunk in zip(self._model_keys(), self.chunks):
-            chunk.load_state_dict(loaded[key], strict=False)
+            missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)  # megatron's _extra_state entries
+            missing = [name for name in missing if not name.endswith("._extra_state")]
+            if missing or unexpected:
+                raise KeyError(f"checkpoint {path} does not fill the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if with_optimizer:
             with weights_io.step_kept_apart(self.optimizer):
                 self.optimizer.load_state_dict(loaded["optimizer"])

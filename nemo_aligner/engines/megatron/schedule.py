@@ -13,7 +13,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
 from nemo_aligner.types import Batch, LossFn, scored_positions
-from nemo_aligner.utils.logprobs import linear_logprobs
+from nemo_aligner.utils.logprobs import scored_linear_logprobs
 
 
 def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Batch], loss_fn: LossFn, *,
@@ -71,16 +71,12 @@ def _scored_logprobs(gpt: torch.nn.Module, hidden: torch.Tensor, mb: Batch, *, t
     first (its backward keeps this rank's share of a gradient linear_logprobs has already summed)."""
     if sequence_parallel:
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-    hidden = hidden.transpose(0, 1)[:, :-1]  # [B, T-1, H]: the state that predicts each next token
-    targets = scored_positions(mb)
-    index = targets.reshape(-1).nonzero().squeeze(1)
     weight = (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
               else gpt.output_layer.weight)
-    scored = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), weight,
-                             mb["input_ids"][:, 1:].reshape(-1).index_select(0, index), tp_group=tp_group,
-                             vocab_start_index=vocab_start_index, chunk_size=chunk_size)
-    return torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device).index_copy(
-        0, index, scored).view(targets.shape)
+    # [B, T-1, H]: the state that predicts each next token
+    return scored_linear_logprobs(hidden.transpose(0, 1)[:, :-1], weight, mb["input_ids"], scored_positions(mb),
+                                  scored_index=mb.get("scored_index"), tp_group=tp_group,
+                                  vocab_start_index=vocab_start_index, chunk_size=chunk_size)
 
 
 def same_length(micro_batches: Sequence[Batch], pad_token_id: int, multiple: int = 1) -> list[Batch]:

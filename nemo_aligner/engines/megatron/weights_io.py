@@ -25,7 +25,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from nemo_aligner.engines.hf_dir import random_init
 from nemo_aligner.engines.megatron.convert import (HF_LAYER, check_all_converted, conversions, megatron_to_hf,
-                                                   stage_to_model_names, tensor_parallel_shard, tensor_parallel_unshard)
+                                                   renumbered, stage_to_model_names, tensor_parallel_shard,
+                                                   tensor_parallel_unshard)
 from nemo_aligner.engines.megatron.layout import MegatronLayout
 
 
@@ -93,11 +94,8 @@ def load_local(module: nn.Module, source: HFSource, config: PretrainedConfig, la
     makers = conversions(config, source.read, qkv_bias=qkv_bias)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            whole = name
-            if name.startswith("decoder.layers."):
-                index = int(name.split(".")[2])
-                whole = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + layer_offset}.", 1)
-            elif name == "output_layer.weight" and config.tie_word_embeddings:  # the last stage's copy of the embedding
+            whole = renumbered(name, layer_offset)
+            if name == "output_layer.weight" and config.tie_word_embeddings:  # the last stage's copy of the embedding
                 whole = "embedding.word_embeddings.weight"
             if whole not in makers:
                 raise KeyError(f"the {config.model_type} weights have nothing for megatron's {name}")

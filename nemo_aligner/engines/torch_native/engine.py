@@ -22,12 +22,12 @@ from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.engines.base import ReduceOp, WeightPlace
+from nemo_aligner.engines.base import NonFiniteGradientError, ReduceOp, WeightPlace
 from nemo_aligner.engines.torch_native import checkpoint, weights
 from nemo_aligner.engines.hf_dir import load_hf_config, load_tokenizer
 from nemo_aligner.engines.torch_native.build import attention_implementation, build_meta_model, random_init_on_rank0
 from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
-from nemo_aligner.engines.decoding import generation_bytes_per_row
+from nemo_aligner.engines.decoding import generation_bytes_per_row, rollout_generator
 from nemo_aligner.engines.torch_native.generation import Decoder, cache_length, generate
 from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict, load_hf_weights
 from nemo_aligner.engines.torch_native.layout import (ParallelDims, build_mesh, check_no_pipeline,
@@ -43,9 +43,6 @@ from nemo_aligner.utils.offload import HostOffload
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteGradientError(FloatingPointError):
-    """The gradient norm is NaN or inf; the optimizer step was skipped and gradients cleared."""
 
 
 @dataclass(frozen=True)
@@ -215,8 +212,7 @@ class TorchNativeEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingParams,
                  length: LengthParams) -> Generations:
         """Sample continuations of left-padded prompts; reproducible from (seed, dp rank, sampling calls so far)."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed * 1_000_003 + self.dp_rank * 7_919 + self.generation_calls)
+        generator = rollout_generator(self.seed, self.dp_rank, self.generation_calls, self.device)
         self.generation_calls += not sampling.use_greedy  # greedy calls (e.g. evaluations) leave later samples as they were
         if self._decoder is None:
             # CUDA graphs over the decode step where one captured graph holds the whole forward: compiled

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 from nemo_aligner.types import Batch, is_packed, packed_row, scored_positions, unpack_logprobs
-from nemo_aligner.utils.logprobs import linear_logprobs, next_token_logprobs
+from nemo_aligner.utils.logprobs import next_token_logprobs, scored_linear_logprobs
 
 # Families whose CausalLM computes logits = lm_head(last hidden state), with nothing after it, and the
 # final norm whose output that last hidden state is.
@@ -42,15 +42,11 @@ def batch_logprobs(module: nn.Module, config: PretrainedConfig, mb: Batch, *, tp
     inputs = _model_inputs(mb)
     vocab_start = tp_rank * -(-config.vocab_size // tp_size)
     if config.model_type in PLAIN_HEAD_FAMILIES:
-        index = mb["scored_index"] if "scored_index" in mb else targets.reshape(-1).nonzero().squeeze(1)
         hidden = _last_hidden_state(module, PLAIN_HEAD_FAMILIES[config.model_type], inputs)[:, :-1]
         weight = module.get_output_embeddings().weight  # after the root's forward: the gathered weight
         weight = weight.to_local() if isinstance(weight, DTensor) else weight
-        scored = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), weight,
-                                 input_ids[:, 1:].reshape(-1).index_select(0, index), tp_group=tp_group,
-                                 vocab_start_index=vocab_start, chunk_size=chunk_size)
-        return torch.zeros(targets.numel(), dtype=torch.float32, device=input_ids.device).index_copy(
-            0, index, scored).view(targets.shape)
+        return scored_linear_logprobs(hidden, weight, input_ids, targets, scored_index=mb.get("scored_index"),
+                                      tp_group=tp_group, vocab_start_index=vocab_start, chunk_size=chunk_size)
     logits = module(**inputs, use_cache=False).logits
     if isinstance(logits, DTensor):
         logits = logits.to_local()
