@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import FAMILIES, FP32, accumulated_grads, model_cfg, pretrained, right_padded_batch
-from nemo_aligner.config.schema import PretrainedCheckpointConfig
+from nemo_aligner.config.schema import Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.losses.sft import sft_loss_fn
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
@@ -85,13 +85,18 @@ def test_nan_loss_raises_before_any_step(llama_dir: str) -> None:
         model.forward_backward(batch, nan_loss)
 
 
-def test_optimizer_state_offload_round_trip_is_bit_exact(llama_dir: str) -> None:
-    model = GPTModel(model_cfg(), pretrained(llama_dir), FP32)
+@pytest.mark.parametrize("precision", [Precision.fp32, Precision.bf16])
+def test_optimizer_state_offload_round_trip_is_bit_exact(llama_dir: str, precision: Precision) -> None:
+    """bf16 keeps fp32 masters (leaves that require grad) beside the optimizer state: they move too, outside
+    autograd, whether or not the caller is under no_grad."""
+    model = GPTModel(model_cfg(), pretrained(llama_dir), TrainerConfig(devices=1, num_nodes=1, precision=precision))
     model.setup_optimizer(max_steps=4)
     batch = right_padded_batch(4, 8, 48, seed=4)
     model.forward_backward(batch, _sft(batch))
     model.optimizer_step(1.0)
     states = [v.to_local() if hasattr(v, "to_local") else v for s in model.engine.optimizer.state.values() for v in s.values()]
+    if model.engine.replicated:
+        states += model.engine.replicated.training_tensors()
     before = [t.clone() for t in states]
     model.engine.offload_optimizer_state()
     freed = [t for t in states if t.dim() > 0]

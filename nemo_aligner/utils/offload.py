@@ -24,6 +24,7 @@ class HostOffload:
     def host_buffers(self) -> list[torch.Tensor]:
         return self._buffers
 
+    @torch.no_grad()  # the tensors may be leaves that require grad (replicated masters): the copies are not autograd's
     def offload(self, tensors: list[torch.Tensor]) -> None:
         """Park `tensors` (those on this device with storage; each must own its whole storage)."""
         tensors = [t for t in tensors if t.device.type == self.device.type and t.untyped_storage().size() > 0]
@@ -37,6 +38,7 @@ class HostOffload:
             tensor.untyped_storage().resize_(0)
         self._moved = list(zip(tensors, self._buffers))
 
+    @torch.no_grad()
     def onload(self) -> None:
         """Restore what offload parked, into the same tensors (queued on the device's stream)."""
         for tensor, host in self._moved:
