@@ -32,6 +32,9 @@ SHAPES = {
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
     "tiny": dict(model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True),
 }
@@ -102,7 +105,9 @@ def main() -> None:
     parser.add_argument("--global-pairs", type=int, default=64)
     parser.add_argument("--micro-pairs", type=int, default=4)
     parser.add_argument("--ref-micro-pairs", type=int, default=8)
+    parser.add_argument("--engine", choices=["torch_native", "megatron"], default="torch_native")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", choices=[p.value for p in Precision], default="bf16")
@@ -114,8 +119,9 @@ def main() -> None:
 
     shape = SHAPES[args.shape]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = DPOModelConfig(micro_batch_size=args.micro_pairs, global_batch_size=args.global_pairs,
-                         tensor_model_parallel_size=args.tp, encoder_seq_length=args.seq_len,
+    cfg = DPOModelConfig(engine=args.engine, micro_batch_size=args.micro_pairs, global_batch_size=args.global_pairs,
+                         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                         encoder_seq_length=args.seq_len,
                          optim=OptimConfig(lr=1e-6), data=PreferenceDataConfig(packing=args.packing),
                          dpo=DPOLossConfig(log_prob_forward_micro_batch_size=args.ref_micro_pairs,
                                            reference=ReferenceConfig(strategy=ReferenceStrategy(args.reference))))
@@ -144,7 +150,8 @@ def main() -> None:
     # policy forward + backward (3 forward-equivalents) and the reference forward (1)
     flops = 4 * tokens * forward_flops_per_token(shape, args.seq_len)
     result = {
-        "shape": args.shape, "parameters": policy.engine.num_parameters(), "gpus": world, "tp": args.tp,
+        "shape": args.shape, "engine": policy.engine.describe(), "parameters": policy.engine.num_parameters(), "gpus": world,
+        "tp": args.tp, "pp": args.pp,
         "precision": args.precision, "reference": args.reference, "seq_len": args.seq_len, "global_pairs": args.global_pairs,
         "micro_pairs": args.micro_pairs, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
         "pairs_per_s": args.global_pairs / step_time, "model_tflops_per_step": flops / 1e12,

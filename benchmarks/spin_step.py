@@ -6,7 +6,10 @@ step, timed apart, so the rollout phase's share of a step shows (issue 13).
 Every prompt generates exactly --response-len tokens (min_length = max_length) with the reference weights
 (resident), temperature 1; the training step is the SPIN loss on the 64 (actual, generated) pairs in
 micro-batches of --micro-pairs. `--compare-eager` repeats it with the decode step run eagerly
-(model.torch_compile=false: no CUDA graph) in the same invocation. Median of --steps steps after one warm-up.
+(model.torch_compile=false: no CUDA graph) in the same invocation. Median of --steps steps after --warmup
+steps, and the warm-up steps' own times: step 0 compiles the layers and captures the decode graph; step 1's
+optimizer-state offload pins new host buffers, since Adam's moments first exist after step 0's update
+(utils.offload.HostOffload keeps them from then on), which costs seconds on the 0.5B shape once per run.
 """
 
 from __future__ import annotations
@@ -40,12 +43,12 @@ def time_steps(args: argparse.Namespace, compile_layers: bool) -> dict:
     policy = GPTSPINModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=shape,
                                                           tokenizer_path=args.tokenizer),
                           TrainerConfig(devices=1, precision=Precision(args.precision)))
-    policy.setup_optimizer(max_steps=args.steps + 1)
+    policy.setup_optimizer(max_steps=args.warmup + args.steps)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen) for _ in range(args.prompts)]
     actual = [torch.randint(3, shape["vocab_size"], (args.response_len,), generator=gen) for _ in range(args.prompts)]
     generation, training = [], []
-    for _ in range(args.steps + 1):
+    for _ in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
         generated = policy.generate_rejected(prompts)
@@ -56,8 +59,9 @@ def time_steps(args: argparse.Namespace, compile_layers: bool) -> dict:
         sync()
         generation.append(middle - start)
         training.append(time.perf_counter() - middle)
-    generation_s, training_s = statistics.median(generation[1:]), statistics.median(training[1:])
-    return {"step_s": generation_s + training_s, "generation_s": generation_s, "training_s": training_s,
+    generation_s, training_s = statistics.median(generation[args.warmup:]), statistics.median(training[args.warmup:])
+    return {"warmup_generation_s": generation[:args.warmup], "warmup_training_s": training[:args.warmup],
+            "step_s": generation_s + training_s, "generation_s": generation_s, "training_s": training_s,
             "rollout_share": generation_s / (generation_s + training_s),
             "new_tokens_per_s": args.prompts * args.response_len / generation_s, "engine": policy.engine.describe()}
 
@@ -71,7 +75,8 @@ def main() -> None:
     parser.add_argument("--micro-pairs", type=int, default=8)
     parser.add_argument("--rollout-batch", type=int, default=64, help="prompts per generate call")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compare-eager", action="store_true", help="also time it with the decode step eager")
     parser.add_argument("--tokenizer", default="examples/tiny/model", help="only its pad/eos ids are used")
     parser.add_argument("--out", default=None)

@@ -40,6 +40,9 @@ from nemo_aligner.engines.torch_native.hf_load import load_full_state_dict
 from nemo_aligner.utils.utils import cpu_weight_swap, retrieve_model_state_dict_in_cpu
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 14, 4, 2
+# model.torch_compile of every model built here: None is the engine's default (compiled layers on CUDA); a
+# script that builds many layouts in one process sets False (each layout would compile anew)
+TORCH_COMPILE: bool | None = None
 
 
 def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict:
@@ -53,7 +56,7 @@ def build(model_dir: str, tp: int, precision: Precision, sharding: str = "auto",
     """The plain policy of the layout checks; with `data`, a model section that has one (e.g. for packing)."""
     cfg = ModelConfig(engine=engine, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
                       micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
-                      seed=7, log_prob_chunk_size=5, data_parallel_sharding=sharding,
+                      seed=7, log_prob_chunk_size=5, data_parallel_sharding=sharding, torch_compile=TORCH_COMPILE,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
     if data is not None:
         cfg.data = data  # type: ignore[attr-defined]
@@ -84,7 +87,7 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
     cfg = DPOModelConfig(engine=engine, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
                          virtual_pipeline_model_parallel_size=vp,
                          micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
-                         encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
+                         encoder_seq_length=32, optim=OptimConfig(lr=3e-3), torch_compile=TORCH_COMPILE,
                          dpo=DPOLossConfig(preference_loss=loss, sft_loss_weight=0.5,
                                            log_prob_forward_micro_batch_size=1,
                                            reference=ReferenceConfig(strategy=reference)),
@@ -108,8 +111,9 @@ def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: 
                packing: bool = False, engine: str = "torch_native", sequence_parallel: bool = False) -> list[dict[str, float]]:
     """Metrics of `steps` SPIN steps with greedy generation (sampling is seeded per data-parallel
     rank, so only greedy generations are layout-independent) on `engine`."""
-    cfg = SPINModelConfig(engine=engine, sequence_parallel=sequence_parallel, micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
-                          encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
+    cfg = SPINModelConfig(engine=engine, sequence_parallel=sequence_parallel, micro_batch_size=2, global_batch_size=4,
+                          tensor_model_parallel_size=tp, seed=7, encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
+                          torch_compile=TORCH_COMPILE,
                           spin=SPINConfig(ref_policy_kl_penalty=0.4, rollout_micro_batch_size=1,
                                           sampling_params=SamplingParams(use_greedy=True),
                                           length_params=LengthParams(max_length=4)),

@@ -2,9 +2,9 @@
 (tests/test_megatron_engine.py runs it on 2 gloo processes; on GPUs it runs over NCCL as is):
 
   torchrun --nproc_per_node 2 tests/distributed/megatron_engine_checks.py MODEL_DIR PAIRS SFT WORKDIR \
-      [--precision fp32|bf16] [--out FILE]
+      [--precision fp32|bf16] [--dpo-steps N] [--out FILE]
 
-- DPO, 3 steps (rpo_bwd_kl + SFT term), every metric against torch_native's DP run: megatron at TP=2 with the
+- DPO, N steps (3 by default; rpo_bwd_kl + SFT term), every metric against torch_native's DP run: megatron at TP=2 with the
   swap reference, at TP=2 with sequence parallelism and the precomputed one, at PP=2 with the resident
   one, at DP=2 with the precomputed one; qwen3 (per-head query and key norms) at TP=2; a 4-layer model at
   PP=2 with 2 virtual-pipeline chunks per stage;
@@ -14,7 +14,9 @@
 - the HF export at TP=2 after those 4 steps against torch_native's export of the same 4 steps, and its
   logits in transformers.
 Rank 0 prints one JSON line: the largest relative gap of each comparison (the test holds fp32 to 1e-5;
-bf16 gaps are for the README's validation table).
+bf16 gaps are for the README's validation table); with --out it also rewrites that file after each
+comparison, so a run cut short keeps what it measured. Layers run uncompiled (model.torch_compile=false):
+the script builds some twenty models in one process, and numerics over the wire are what it checks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from megatron.core import parallel_state
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import layout_checks
 from layout_checks import build, dpo_steps, resume, run_steps, save, spin_steps
 from nemo_aligner.config.schema import Precision, ReferenceStrategy
 from nemo_aligner.utils.distributed import init_distributed
@@ -76,6 +79,20 @@ def export_gap(torch_native_dir: str, megatron_dir: str) -> float:
     return max((expected[k] - got[k]).abs().max().item() for k in expected)
 
 
+class ResultsFile(dict):
+    """The results, rewritten to `path` by rank 0 on every new entry."""
+
+    def __init__(self, path: str | None, **entries: object) -> None:
+        super().__init__(entries)
+        self.path = path if dist.get_rank() == 0 else None
+
+    def __setitem__(self, key: str, value: object) -> None:
+        super().__setitem__(key, value)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
@@ -83,30 +100,32 @@ def main() -> None:
     parser.add_argument("sft")
     parser.add_argument("workdir")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dpo-steps", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     init_distributed()
-    precision = Precision(args.precision)
-    results: dict[str, object] = {"world": dist.get_world_size(), "precision": args.precision,
-                                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    reference = dpo_steps(args.model_dir, args.pairs, 1, precision, steps=3)
+    layout_checks.TORCH_COMPILE = False
+    precision, steps = Precision(args.precision), args.dpo_steps
+    results = ResultsFile(args.out, world=dist.get_world_size(), precision=args.precision, dpo_steps=steps,
+                          device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    reference = dpo_steps(args.model_dir, args.pairs, 1, precision, steps=steps)
     for name, tp, pp, strategy, sp in (("tp2", 2, 1, ReferenceStrategy.swap, False),
                                        ("tp2_sequence_parallel", 2, 1, ReferenceStrategy.precomputed, True),
                                        ("pp2", 1, 2, ReferenceStrategy.resident, False),
                                        ("dp2", 1, 1, ReferenceStrategy.precomputed, False)):
         fresh_megatron_layout()
-        got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=3, reference=strategy, engine="megatron", pp=pp,
+        got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=steps, reference=strategy, engine="megatron", pp=pp,
                         sequence_parallel=sp)
         results[f"dpo_{name}_{strategy.value}"] = gap(reference, got)
     qwen3 = derived_model(args.model_dir, os.path.join(args.workdir, "qwen3"), "qwen3")  # per-head q/k norms (TP sums their grads)
-    qwen3_reference = dpo_steps(qwen3, args.pairs, 1, precision, steps=3)
+    qwen3_reference = dpo_steps(qwen3, args.pairs, 1, precision, steps=steps)
     fresh_megatron_layout()
-    results["dpo_tp2_qwen3"] = gap(qwen3_reference, dpo_steps(qwen3, args.pairs, 2, precision, steps=3, engine="megatron"))
+    results["dpo_tp2_qwen3"] = gap(qwen3_reference, dpo_steps(qwen3, args.pairs, 2, precision, steps=steps, engine="megatron"))
     deeper = derived_model(args.model_dir, os.path.join(args.workdir, "llama4"), num_hidden_layers=4)  # 2 stages x 2 chunks
-    deeper_reference = dpo_steps(deeper, args.pairs, 1, precision, steps=3)
+    deeper_reference = dpo_steps(deeper, args.pairs, 1, precision, steps=steps)
     fresh_megatron_layout()
     results["dpo_pp2_vp2_resident"] = gap(deeper_reference, dpo_steps(
-        deeper, args.pairs, 1, precision, steps=3, reference=ReferenceStrategy.resident, engine="megatron", pp=2, vp=2))
+        deeper, args.pairs, 1, precision, steps=steps, reference=ReferenceStrategy.resident, engine="megatron", pp=2, vp=2))
     spin_reference = spin_steps(args.model_dir, args.sft, 1, precision)
     fresh_megatron_layout()
     results["spin_tp2"] = gap(spin_reference, spin_steps(args.model_dir, args.sft, 2, precision, engine="megatron"))
@@ -153,9 +172,6 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(os.path.join(args.workdir, "export_megatron"), dtype=torch.float32)
         results["export_loads_in_transformers"] = type(hf).__name__
         print(json.dumps(results), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
     dist.barrier()
     dist.destroy_process_group()
 
