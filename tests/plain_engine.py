@@ -45,6 +45,11 @@ class PlainEngine:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.generation_calls = 0
 
+    has_adapters = False
+
+    def adapters_disabled(self) -> contextlib.AbstractContextManager[None]:
+        raise RuntimeError("the plain test engine has no adapters")
+
     def describe(self) -> str:
         return f"{type(self.module).__name__} on the plain test engine: {self.num_parameters()} parameters"
 

@@ -43,3 +43,24 @@ def test_spin_runs_on_the_megatron_engine_from_its_entry_script(tmp_path) -> Non
     assert "megatron-core" in proc.stdout + proc.stderr  # the engine line of the log
     assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()
     assert (tmp_path / "run" / "hf_model" / "config.json").is_file()
+
+
+def test_dpo_with_lora_from_its_entry_script_and_the_export_script_converts_its_checkpoint(tmp_path) -> None:
+    """model.peft.peft_scheme=lora with the adapter-disabled reference: a small adapter-only checkpoint, and
+    export_to_hf.py turns it into the same merged model and peft adapter directory the run exported."""
+    gpt = os.path.join(REPO, "examples", "nlp", "gpt")
+    lora = ["model.peft.peft_scheme=lora", "trainer.precision=fp32"]
+    run = subprocess.run([sys.executable, os.path.join(gpt, "train_gpt_dpo.py"), *lora,
+                          "model.dpo.reference.strategy=adapters_disabled", "trainer.dpo.max_steps=2",
+                          "trainer.dpo.save_interval=2", "task_eval.limit=8", f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reference policy: adapters_disabled" in run.stdout + run.stderr
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 4 * 2**20  # the adapters and their Adam state
+    export = subprocess.run([sys.executable, os.path.join(gpt, "export_to_hf.py"), *lora, f"checkpoint_path={checkpoint}",
+                             f"output_path={tmp_path / 'export'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert export.returncode == 0, export.stderr[-3000:]
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (tmp_path / "export" / name).read_bytes() == (tmp_path / "run" / "hf_model" / name).read_bytes(), name

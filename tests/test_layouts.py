@@ -103,11 +103,28 @@ def test_packed_steps_give_the_padded_metrics(runs: dict, algorithm: str) -> Non
         _close([m[name] for m in packed], [m[name] for m in padded])
 
 
-def test_exports_from_both_layouts_load_with_equal_weights(runs: dict) -> None:
-    one = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "hf_1proc"), dtype=torch.float32)
-    two = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "hf_tp2"), dtype=torch.float32)
+@pytest.mark.parametrize("lora", ["", "_lora"])
+def test_exports_from_both_layouts_load_with_equal_weights(runs: dict, lora: str) -> None:
+    """Full fine-tuning, and LoRA's merged weights (base + scaled B·A from tensor-parallel adapters)."""
+    one = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], f"hf{lora}_1proc"), dtype=torch.float32)
+    two = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], f"hf{lora}_tp2"), dtype=torch.float32)
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(a, b, atol=TOL, rtol=0, msg=name)
+
+
+def test_lora_at_tensor_parallel_trains_saves_and_resumes_as_one_process(runs: dict) -> None:
+    _close(runs["parallel"]["lora_tp2_steps"], runs["single"]["lora_steps"])
+    _close(runs["resume1"]["lora_resumed_from_2proc"], runs["single"]["lora_steps"][2:])
+
+
+@pytest.mark.parametrize("layout", ["dpolora_dp2", "dpolora_tp2", "dpolora_fsdp_dp2", "spinlora_tp2"])
+def test_lora_steps_match_one_process(runs: dict, layout: str) -> None:
+    """LoRA (peft) with the adapter-disabled DPO reference, and SPIN's copy of the adapters: replicated and
+    FSDP data parallel, and tensor parallel with the adapters split as their base layers are."""
+    one, two = runs["single"][layout.split("_")[0]], runs["parallel"][layout]
+    assert [sorted(m) for m in one] == [sorted(m) for m in two]
+    for name in one[0]:
+        _close([m[name] for m in two], [m[name] for m in one])
 
 
 @pytest.mark.parametrize("layout", ["dpo_dp2", "dpo_tp2", "spin_dp2", "spin_tp2", "dpo_dp2_precomputed",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import FP32, make_model_dir, model_cfg, pretrained, right_padded_batch, torchrun, write_pairs, write_sft
-from nemo_aligner.config.schema import Precision, TrainerConfig
+from nemo_aligner.config.schema import PeftConfig, Precision, TrainerConfig
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
 
@@ -117,6 +117,7 @@ def test_describe_counts_every_distinct_weight(megatron_policy: GPTModel, llama_
     (dict(tensor_model_parallel_size=3), "must divide the world size"),
     (dict(sequence_parallel=True), "sequence_parallel=true needs model.tensor_model_parallel_size > 1"),
     (dict(engine="torch_native", sequence_parallel=True), "sequence_parallel=true needs model.engine=megatron"),
+    (dict(peft=PeftConfig(peft_scheme="lora")), "peft_scheme=lora needs model.engine=torch_native"),
 ])
 def test_layouts_and_modes_the_engine_cannot_run_are_refused_by_key(llama_dir: str, change: dict, message: str) -> None:
     trainer = TrainerConfig(devices=1, num_nodes=1, precision=change.pop("precision", Precision.fp32))

@@ -76,6 +76,7 @@ class ReferenceStrategy(enum.Enum):
     swap = "swap"  # a host copy of the weights swapped in for each use (no device memory)
     resident = "resident"  # a device copy in the compute dtype, swapped in device to device
     precomputed = "precomputed"  # sequence log-probs computed once before training and cached on disk (DPO)
+    adapters_disabled = "adapters_disabled"  # LoRA (DPO): the same network with its adapters switched off
 
 
 @dataclass
@@ -121,6 +122,50 @@ class DataLoadingConfig:
         require(self.pad_to_multiple_of >= 1, "model.data.pad_to_multiple_of", self.pad_to_multiple_of, ">= 1")
 
 
+# NeMo-Aligner's LoRA target names -> the Hugging Face module names they cover (peft's names pass as they are)
+NEMO_LORA_TARGETS = {"attention_qkv": ["q_proj", "k_proj", "v_proj"], "attention_dense": ["o_proj"],
+                     "mlp_fc1": ["gate_proj", "up_proj"], "mlp_fc2": ["down_proj"], "all": ["all-linear"]}
+
+
+@dataclass
+class LoraTuningConfig:
+    """model.peft.lora_tuning: LoRA adapters (through peft) on the named linear layers."""
+
+    # Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), all-linear
+    # (every linear layer but the LM head), or NeMo-Aligner's attention_qkv, attention_dense, mlp_fc1, mlp_fc2, all
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    adapter_dim: int = 16  # the rank r of B·A
+    alpha: float = 32.0  # the update is scaled by alpha / adapter_dim
+    adapter_dropout: float = 0.0  # dropout on the adapters' input while training
+
+    def __post_init__(self) -> None:
+        require(len(self.target_modules) > 0, "model.peft.lora_tuning.target_modules", self.target_modules, "at least one name")
+        require(self.adapter_dim >= 1, "model.peft.lora_tuning.adapter_dim", self.adapter_dim, ">= 1")
+        require(self.alpha > 0, "model.peft.lora_tuning.alpha", self.alpha, "> 0")
+        require(0 <= self.adapter_dropout < 1, "model.peft.lora_tuning.adapter_dropout", self.adapter_dropout, "in [0, 1)")
+
+    def hf_target_modules(self) -> list[str] | str:
+        """The targets in peft's terms: module-name suffixes, or the string all-linear."""
+        names = [hf for name in self.target_modules for hf in NEMO_LORA_TARGETS.get(name, [name])]
+        return "all-linear" if "all-linear" in names else sorted(set(names))
+
+
+@dataclass
+class PeftConfig:
+    """model.peft: parameter-efficient fine-tuning (NeMo-Aligner's keys). lora trains adapters only; the
+    base weights stay frozen in the compute dtype and the reference can be the adapter-free network."""
+
+    peft_scheme: str = "none"  # none | lora
+    lora_tuning: LoraTuningConfig = field(default_factory=LoraTuningConfig)
+
+    def __post_init__(self) -> None:
+        require(self.peft_scheme in ("none", "lora"), "model.peft.peft_scheme", self.peft_scheme, "none or lora")
+
+    @property
+    def lora(self) -> bool:
+        return self.peft_scheme == "lora"
+
+
 @dataclass
 class ModelConfig:
     """The policy network, its parallel layout, batch sizes and optimizer."""
@@ -156,6 +201,7 @@ class ModelConfig:
     torch_compile: Optional[bool] = None
     activations_checkpoint_granularity: Optional[str] = None  # null | full (recompute decoder layers in the backward)
     activations_checkpoint_num_layers: Optional[int] = None  # with full: the first N decoder layers; null: all
+    peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:

@@ -38,8 +38,9 @@ class SPINConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
-        require(self.reference.strategy is not ReferenceStrategy.precomputed, "model.spin.reference.strategy",
-                self.reference.strategy.value, "auto, swap or resident: SPIN's reference changes every iteration")
+        require(self.reference.strategy not in (ReferenceStrategy.precomputed, ReferenceStrategy.adapters_disabled),
+                "model.spin.reference.strategy", self.reference.strategy.value,
+                "auto, swap or resident: SPIN's reference changes every iteration (under LoRA they copy only the adapters)")
         betas = self.ref_policy_kl_penalty if isinstance(self.ref_policy_kl_penalty, (list, tuple)) else [self.ref_policy_kl_penalty]
         ok = len(betas) >= 1 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in betas)
         require(ok, "model.spin.ref_policy_kl_penalty", self.ref_policy_kl_penalty, "a number > 0 or a list of them")

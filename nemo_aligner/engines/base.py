@@ -63,6 +63,7 @@ class Engine(Protocol):
     # The ranks that hold the same data-parallel share (tensor x pipeline); None for a world of one.
     # Work done once per share (e.g. a call to a reward server) runs on its first rank and is broadcast.
     model_parallel_group: dist.ProcessGroup | None
+    has_adapters: bool  # LoRA (model.peft.peft_scheme=lora): only adapters train; the weight buffers hold them
 
     def describe(self) -> str:
         """One line for the log: architecture, parameter count, layout, precision."""
@@ -70,6 +71,10 @@ class Engine(Protocol):
 
     def num_parameters(self) -> int:
         """Elements of the whole model's distinct parameters (not this rank's shard)."""
+        ...
+
+    def adapters_disabled(self) -> ContextManager[None]:
+        """Inside the block the network computes without its adapters: the base model (has_adapters only)."""
         ...
 
     # ------------------------------------------------------------------ training

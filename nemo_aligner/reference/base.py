@@ -2,7 +2,8 @@
 
 A strategy is one class with these methods: a copy of the weights swapped into the network, on the
 host (swap) or the device (resident) (weight_copy.py), and log-probs computed once before training
-and cached on disk (precomputed.py); later, the same network with its adapters disabled. DPO's
+and cached on disk (precomputed.py), and the same network with its LoRA adapters disabled
+(adapters_disabled.py; under LoRA the weight copies hold only the adapters). DPO's
 reference is the initial model, also after a resume; SPIN's becomes the current policy at the end of
 every iteration and is saved with each checkpoint.
 """
@@ -13,6 +14,7 @@ from typing import Callable, ContextManager, Protocol, Sequence
 
 import torch
 
+from nemo_aligner.engines.base import Engine
 from nemo_aligner.types import Batch
 
 
@@ -45,6 +47,24 @@ class ReferencePolicy(Protocol):
     def load(self, path: str) -> None:
         """Collectively read what save wrote."""
         ...
+
+
+class ComputedOnThePolicyNetwork:
+    """The log-probs of a strategy that computes them with the policy network, inside its `active()`
+    block (weight copies swapped in, or the adapters switched off)."""
+
+    engine: Engine
+
+    def active(self) -> ContextManager[None]:
+        raise NotImplementedError
+
+    def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        with self.active():
+            return self.engine.logprobs(micro_batches)
+
+    def sequence_logps(self, batch: Batch, split: Callable[[Batch], Sequence[Batch]]) -> torch.Tensor:
+        micro_batches = split(batch)
+        return sum_over_scored(self.logprobs(micro_batches), micro_batches)
 
 
 def sum_over_scored(logprobs: torch.Tensor, micro_batches: Sequence[Batch]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from nemo_aligner.config.schema import ReferenceStrategy
 from nemo_aligner.engines.base import Engine
+from nemo_aligner.reference.adapters_disabled import AdaptersDisabledReference
 from nemo_aligner.reference.base import ReferencePolicy
 from nemo_aligner.reference.precomputed import PrecomputedReference
 from nemo_aligner.reference.weight_copy import WeightCopyReference
@@ -23,12 +24,15 @@ RESIDENT_SHARE_OF_FREE_MEMORY = 0.5
 
 def build_reference_policy(strategy: ReferenceStrategy, engine: Engine, *, precomputable: bool) -> ReferencePolicy:
     """The reference as `strategy` holds it; `auto` is precomputed where the reference never changes
-    (`precomputable`, DPO), else resident when it takes at most half the free device memory, else swap."""
+    (`precomputable`, DPO), else resident when it takes at most half the free device memory, else swap.
+    SPIN's config refuses the strategies of a reference that never changes (precomputed, adapters_disabled)."""
     if strategy is ReferenceStrategy.auto:
         strategy = (ReferenceStrategy.precomputed if precomputable
                     else ReferenceStrategy.resident if _fits_on_device(engine) else ReferenceStrategy.swap)
     if strategy is ReferenceStrategy.precomputed:
         reference: ReferencePolicy = PrecomputedReference(engine)
+    elif strategy is ReferenceStrategy.adapters_disabled:
+        reference = AdaptersDisabledReference(engine)
     else:
         reference = WeightCopyReference(engine, resident=strategy is ReferenceStrategy.resident)
     log_rank0(logger, "reference policy: %s", reference.name)

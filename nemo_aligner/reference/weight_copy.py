@@ -12,13 +12,12 @@ allocates once.
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Sequence
+from typing import ContextManager
 
-import torch
 
 from nemo_aligner.engines.base import Engine, WeightPlace
-from nemo_aligner.reference.base import sum_over_scored
-from nemo_aligner.types import Batch, Weights, check_same_weights
+from nemo_aligner.reference.base import ComputedOnThePolicyNetwork
+from nemo_aligner.types import Weights, check_same_weights
 
 
 def copy_of_weights(engine: Engine, where: WeightPlace, *, compute_dtype: bool = False) -> Weights:
@@ -29,7 +28,7 @@ def copy_of_weights(engine: Engine, where: WeightPlace, *, compute_dtype: bool =
     return copy
 
 
-class WeightCopyReference:
+class WeightCopyReference(ComputedOnThePolicyNetwork):
     """ReferencePolicy holding the reference as a copy of the weights (see the module docstring)."""
 
     def __init__(self, engine: Engine, *, resident: bool) -> None:
@@ -51,14 +50,6 @@ class WeightCopyReference:
         check_same_weights(self.weights, weights, "reference weights")
         for name, buffer in self.weights.items():
             buffer.copy_(weights[name])
-
-    def logprobs(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
-        with self.active():
-            return self.engine.logprobs(micro_batches)
-
-    def sequence_logps(self, batch: Batch, split: Callable[[Batch], Sequence[Batch]]) -> torch.Tensor:
-        micro_batches = split(batch)
-        return sum_over_scored(self.logprobs(micro_batches), micro_batches)
 
     def become_current_policy(self) -> None:
         self.engine.copy_weights_to(self.weights)

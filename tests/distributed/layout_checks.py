@@ -25,8 +25,9 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from nemo_aligner.config.dpo import DataPrefix, DPOLossConfig, DPOModelConfig, PreferenceDataConfig
-from nemo_aligner.config.schema import (DataLoadingConfig, ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig,
-                                        ReferenceConfig, ReferenceStrategy, SchedConfig, TrainerConfig)
+from nemo_aligner.config.schema import (DataLoadingConfig, LoraTuningConfig, ModelConfig, OptimConfig, PeftConfig, Precision,
+                                        PretrainedCheckpointConfig, ReferenceConfig, ReferenceStrategy, SchedConfig,
+                                        TrainerConfig)
 from nemo_aligner.config.spin import SFTDataConfig, SFTFileConfig, SPINConfig, SPINModelConfig
 from nemo_aligner.data.builders import build_preference_loader, build_sft_loader
 from nemo_aligner.losses.sft import sft_loss_fn
@@ -43,6 +44,7 @@ GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 14, 4, 2
 # model.torch_compile of every model built here: None is the engine's default (compiled layers on CUDA); a
 # script that builds many layouts in one process sets False (each layout would compile anew)
 TORCH_COMPILE: bool | None = None
+LORA = PeftConfig(peft_scheme="lora", lora_tuning=LoraTuningConfig(adapter_dim=4, alpha=8.0))
 
 
 def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict:
@@ -52,9 +54,10 @@ def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict
 
 def build(model_dir: str, tp: int, precision: Precision, sharding: str = "auto",
           data: DataLoadingConfig | None = None, engine: str = "torch_native", pp: int = 1,
-          vp: int | None = None) -> GPTModel:
+          vp: int | None = None, lora: bool = False) -> GPTModel:
     """The plain policy of the layout checks; with `data`, a model section that has one (e.g. for packing)."""
     cfg = ModelConfig(engine=engine, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
+                      peft=LORA if lora else PeftConfig(),
                       micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
                       seed=7, log_prob_chunk_size=5, data_parallel_sharding=sharding, torch_compile=TORCH_COMPILE,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
@@ -80,11 +83,13 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
 def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
               reference: ReferenceStrategy = ReferenceStrategy.swap, packing: bool = False,
               loss: str = "rpo_bwd_kl", engine: str = "torch_native", pp: int = 1,
-              sequence_parallel: bool = False, vp: int | None = None) -> list[dict[str, float]]:
+              sequence_parallel: bool = False, vp: int | None = None, lora: bool = False,
+              sharding: str = "auto") -> list[dict[str, float]]:
     """Metrics of `steps` DPO steps (`loss` + SFT term) on the pairs in `data`, with the reference
     held by `reference` (precomputed: one pass first, cached beside the data), packed or padded, on
-    `engine` with `pp` pipeline stages."""
+    `engine` with `pp` pipeline stages, full fine-tuning or LoRA."""
     cfg = DPOModelConfig(engine=engine, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
+                         peft=LORA if lora else PeftConfig(), data_parallel_sharding=sharding,
                          virtual_pipeline_model_parallel_size=vp,
                          micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
                          encoder_seq_length=32, optim=OptimConfig(lr=3e-3), torch_compile=TORCH_COMPILE,
@@ -108,10 +113,12 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
 
 
 def spin_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
-               packing: bool = False, engine: str = "torch_native", sequence_parallel: bool = False) -> list[dict[str, float]]:
+               packing: bool = False, engine: str = "torch_native", sequence_parallel: bool = False,
+               lora: bool = False) -> list[dict[str, float]]:
     """Metrics of `steps` SPIN steps with greedy generation (sampling is seeded per data-parallel
-    rank, so only greedy generations are layout-independent) on `engine`."""
+    rank, so only greedy generations are layout-independent) on `engine`, full fine-tuning or LoRA."""
     cfg = SPINModelConfig(engine=engine, sequence_parallel=sequence_parallel, micro_batch_size=2, global_batch_size=4,
+                          peft=LORA if lora else PeftConfig(),
                           tensor_model_parallel_size=tp, seed=7, encoder_seq_length=32, optim=OptimConfig(lr=3e-3),
                           torch_compile=TORCH_COMPILE,
                           spin=SPINConfig(ref_policy_kl_penalty=0.4, rollout_micro_batch_size=1,
@@ -202,7 +209,10 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
                                               reference=ReferenceStrategy.precomputed),
                  "spin": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision),
                  "dpo_packed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, packing=True),
-                 "spin_packed": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, packing=True)}
+                 "spin_packed": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, packing=True),
+                 "dpolora": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, lora=True,
+                                      reference=ReferenceStrategy.adapters_disabled),
+                 "spinlora": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, lora=True)}
     out["bf16_steps"] = run_steps(build(model_dir, tp=1, precision=Precision.bf16), 0, STEPS)
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
@@ -212,6 +222,9 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
     out["steps"] += run_steps(model, SAVE_AT, STEPS)
     out["logprobs_trained"] = probe_logprobs(model)
     model.export_hf(f"{work}/hf_1proc")
+    adapted = build(model_dir, tp=1, precision=precision, lora=True)
+    out["lora_steps"] = run_steps(adapted, 0, STEPS)
+    adapted.export_hf(f"{work}/hf_lora_1proc")
     return out
 
 
@@ -229,7 +242,11 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
                  "spin_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision),
                  "dpo_dp2_packed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, packing=True),
                  "dpo_tp2_packed": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision, packing=True),
-                 "spin_tp2_packed": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision, packing=True)}
+                 "spin_tp2_packed": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision, packing=True),
+                 **{f"dpolora_{name}": dpo_steps(model_dir, f"{work}/pairs.jsonl", tp, precision, lora=True, sharding=sharding,
+                                                 reference=ReferenceStrategy.adapters_disabled)
+                    for name, tp, sharding in (("dp2", 1, "auto"), ("tp2", 2, "auto"), ("fsdp_dp2", 1, "fsdp"))},
+                 "spinlora_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision, lora=True)}
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1, precision=precision)
@@ -259,6 +276,12 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
     out["tp2_swap_restored_bitwise"] = all(torch.equal(trained[k], after[k]) for k in trained)
     out["tp2_logprobs_after_swap"] = probe_logprobs(tp2)
     tp2.export_hf(f"{work}/hf_tp2")
+    # LoRA at TP=2: a checkpoint of the adapters (resumed by resume1) and the merged export from split adapters
+    adapted = build(model_dir, tp=2, precision=precision, lora=True)
+    out["lora_tp2_steps"] = run_steps(adapted, 0, SAVE_AT)
+    save(adapted, f"{work}/ckpt_lora_2proc", SAVE_AT)
+    out["lora_tp2_steps"] += run_steps(adapted, SAVE_AT, STEPS)
+    adapted.export_hf(f"{work}/hf_lora_tp2")
     return out
 
 
@@ -267,6 +290,8 @@ def phase_resume1(model_dir: str, qwen2_dir: str, work: str, precision: Precisio
     out = {"resumed_from_2proc": run_steps(model, resume(model, f"{work}/ckpt_2proc"), STEPS)}
     model = build(model_dir, tp=1, precision=precision)
     out["resumed_from_2proc_safetensors"] = run_steps(model, resume(model, f"{work}/ckpt_2proc_safetensors"), STEPS)
+    model = build(model_dir, tp=1, precision=precision, lora=True)
+    out["lora_resumed_from_2proc"] = run_steps(model, resume(model, f"{work}/ckpt_lora_2proc"), STEPS)
     return out
 
 

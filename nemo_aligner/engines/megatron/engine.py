@@ -92,6 +92,11 @@ class MegatronEngine:
         self._swapped = False
         self._offload = HostOffload(device)
 
+    has_adapters = False  # model.peft.peft_scheme=lora is refused at build
+
+    def adapters_disabled(self) -> contextlib.AbstractContextManager[None]:
+        raise RuntimeError("the megatron engine has no adapters")
+
     def describe(self) -> str:
         name = str(self.compute_dtype).removeprefix("torch.")
         layout = self.layout
@@ -337,6 +342,9 @@ def build_megatron_engine(model: ModelConfig, pretrained: PretrainedCheckpointCo
     device = init_distributed()
     check_world_size(trainer.devices, trainer.num_nodes, dist.get_world_size())
     hf_config = load_hf_config(pretrained.restore_from_path, pretrained.model_config)
+    if model.peft.lora:
+        raise ValueError("model.peft.peft_scheme=lora needs model.engine=torch_native: the megatron engine has no "
+                         "adapters yet")
     if trainer.precision is Precision.bf16_pure:
         raise ValueError("model.engine=megatron keeps fp32 main weights in its distributed optimizer: set "
                          "trainer.precision=bf16 (or fp32); bf16_pure is a torch_native mode")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -30,6 +32,10 @@ MAX_SHARD_BYTES = 5 * 1024**3
 # under their HF names, in the training dtype) in WEIGHTS_DIR and the optimizer state as DCP in OPTIM_DIR.
 CHECKPOINT_FORMATS = ("torch_dist", "safetensors")
 WEIGHTS_DIR, OPTIM_DIR = "weights", "optim"
+# Checkpoints hold what trains: every weight in full fine-tuning, the adapters under LoRA (the frozen base is
+# the HF directory the run starts from). DCP's load has filled every tensor asked for before these are set,
+# so strict=False only lets the frozen weights stay as they are.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def write_state(state: dict[str, object], path: str, *, weights_format: str) -> None:
@@ -71,26 +77,27 @@ def _distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def sharded_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
     """This rank's shards of the weights and optimizer state, as DCP writes them (layout-free)."""
-    model_sd, optim_sd = get_state_dict(module, optimizer)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=TRAINED_ONLY)
     return {"model": model_sd, "optim": optim_sd}
 
 
 def save_weights(module: nn.Module, path: str) -> None:
     """Each rank writes its shards of the weights only (DCP); `load_sharded(..., None, path)` reads them."""
-    dcp.save({"model": get_model_state_dict(module)}, checkpoint_id=path)
+    dcp.save({"model": get_model_state_dict(module, options=TRAINED_ONLY)}, checkpoint_id=path)
 
 
 def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, path: str) -> None:
     """Load a checkpoint (either format) into any (dp, tp) layout; DCP reshards as needed."""
     if optimizer is None:
-        state: dict[str, object] = {"model": get_model_state_dict(module)}
+        state: dict[str, object] = {"model": get_model_state_dict(module, options=TRAINED_ONLY)}
         read_state(state, path)
-        set_model_state_dict(module, state["model"])  # type: ignore[arg-type]
+        set_model_state_dict(module, state["model"], options=TRAINED_ONLY)  # type: ignore[arg-type]
         return
-    model_sd, optim_sd = get_state_dict(module, optimizer)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=TRAINED_ONLY)
     state = {"model": model_sd, "optim": optim_sd}
     read_state(state, path)
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])  # type: ignore[arg-type]
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],  # type: ignore[arg-type]
+                   options=TRAINED_ONLY)
 
 
 def replicated_state(module: nn.Module, replicated: ReplicatedParameters,
@@ -125,6 +132,7 @@ def export_hf(
     path: str,
     *,
     dtype: torch.dtype,
+    also: Callable[[str], None] | None = None,
 ) -> None:
     """Write `config.json`, `*.safetensors` (+ index when sharded) and tokenizer files to `path`.
 
@@ -132,7 +140,8 @@ def export_hf(
     whole tensors where replicated). No rank gathers the model: each writes its pieces (cast to
     `dtype`) through DCP's Hugging Face storage writer, which then consolidates them file by file into
     full safetensors of at most MAX_SHARD_BYTES. Everything goes to `path.tmp`, renamed at the end, so
-    an interrupted export never leaves a directory that looks complete.
+    an interrupted export never leaves a directory that looks complete; `also(tmp)` (collective) writes
+    more into it before the rename.
     """
     tmp = path.rstrip("/") + ".tmp"
     if dist.get_rank() == 0:
@@ -151,6 +160,9 @@ def export_hf(
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    if also is not None:
+        also(tmp)
+    if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     dist.barrier()

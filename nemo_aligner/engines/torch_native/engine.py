@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -21,9 +22,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
+from nemo_aligner.config.schema import (LoraTuningConfig, ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig,
+                                        TrainerConfig)
 from nemo_aligner.engines.base import NonFiniteGradientError, ReduceOp, WeightPlace
-from nemo_aligner.engines.torch_native import checkpoint, weights
+from nemo_aligner.engines.torch_native import checkpoint, lora, weights
 from nemo_aligner.engines.hf_dir import load_hf_config, load_tokenizer
 from nemo_aligner.engines.torch_native.build import attention_implementation, build_meta_model, random_init_on_rank0
 from nemo_aligner.engines.torch_native.fsdp import decoder_layers, gathered_for_decoding, reshard_fsdp
@@ -43,6 +45,7 @@ from nemo_aligner.utils.offload import HostOffload
 
 logger = logging.getLogger(__name__)
 
+ADAPTER_DIR = "adapter"  # under LoRA, the HF export's subdirectory holding the adapters alone (peft's format)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,9 @@ class TorchNativeEngine:
         options: ComputeOptions,
         data_parallel_sharding: str,
         seed: int,
+        lora_tuning: LoraTuningConfig | None = None,
     ) -> None:
+        """`lora_tuning`: train LoRA adapters on a frozen base (lora.py); None: every weight trains."""
         self.hf_config = hf_config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -104,6 +109,10 @@ class TorchNativeEngine:
         self.model_parallel_group = self.tp_group
         self.module: nn.Module = build_meta_model(hf_config, options.attn_implementation, dtype=options.master_dtype)
         self.architecture = type(self.module).__name__
+        self.lora_tuning = lora_tuning
+        self.base_model_path = restore_from_path
+        if lora_tuning is not None:
+            lora.inject_lora(self.module, lora_tuning, compute_dtype=options.compute_dtype)
         replicate = resolve_sharding(data_parallel_sharding, self.num_parameters(), self.tp_size, device)
         parallelize(self.module, mesh, compute_dtype=options.compute_dtype, fsdp=not replicate,
                     activation_checkpointing=options.activation_checkpointing,
@@ -114,6 +123,8 @@ class TorchNativeEngine:
             load_hf_weights(self.module, restore_from_path)
         else:
             load_full_state_dict(self.module, random_init_on_rank0(hf_config, seed))
+        if lora_tuning is not None:
+            lora.init_adapters(self.module, seed)
         # replicated: gradients, their reduction and the masters live here (FSDP owns them otherwise)
         self.replicated = (ReplicatedParameters(self.module, self.dp_group, compute_dtype=options.compute_dtype)
                            if replicate else None)
@@ -137,10 +148,29 @@ class TorchNativeEngine:
                 f"tp={self.tp_size}, {name(options.compute_dtype)} compute on {name(options.master_dtype)} weights, "
                 f"{options.attn_implementation} attention{', compiled layers' if options.compile_layers else ''}"
                 f"{', activation checkpointing' if options.activation_checkpointing else ''}"
-                f"{f' of {options.activation_checkpoint_layers} layers' if options.activation_checkpoint_layers else ''}")
+                f"{f' of {options.activation_checkpoint_layers} layers' if options.activation_checkpoint_layers else ''}"
+                f"{self._describe_adapters()}")
+
+    def _describe_adapters(self) -> str:
+        if self.lora_tuning is None:
+            return ""
+        trained = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        return (f", LoRA r={self.lora_tuning.adapter_dim} on {len(lora.lora_layers(self.module))} layers "
+                f"({trained / 1e6:.2f}M trained parameters)")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())  # DTensor numel is the global size
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def has_adapters(self) -> bool:
+        return self.lora_tuning is not None
+
+    def adapters_disabled(self) -> contextlib.AbstractContextManager[None]:
+        """The network without its adapters inside the block: the base model, exactly."""
+        if self.lora_tuning is None:
+            raise RuntimeError("the model has no adapters (model.peft.peft_scheme=none)")
+        return lora.adapters_disabled(self.module)
 
     # ----------------------------------------------------------------- training
     def setup_optimizer(self, cfg: OptimConfig, *, max_steps: int) -> None:
@@ -156,19 +186,22 @@ class TorchNativeEngine:
         `num_tokens` (real tokens processed).
         """
         totals: dict[str, torch.Tensor] = {}
-        for mb in micro_batches:
-            with torch.set_grad_enabled(not forward_only):
-                loss, metrics = loss_fn(self._logprobs(mb), mb)
-            if not forward_only:
-                # FSDP averages gradients over dp ranks; the loss is already a share of the global
-                # mean, so scale back up to make the reduction a sum (replicated sums them).
-                (loss if self.replicated else loss * self.dp_size).backward()
-                if self.replicated:
-                    self.replicated.accumulate_gradients()
-            metrics = {**metrics, "num_tokens": mb["attention_mask"].sum()}
-            for name, value in {"loss": loss, **metrics}.items():
-                value = value.detach().float()
-                totals[name] = totals[name] + value if name in totals else value
+        # LoRA's adapter dropout acts in training forwards (and their recomputation under checkpointing) only
+        training_adapters = (self.lora_tuning is not None and self.lora_tuning.adapter_dropout > 0 and not forward_only)
+        with lora.adapter_dropout_active(self.module) if training_adapters else contextlib.nullcontext():
+            for mb in micro_batches:
+                with torch.set_grad_enabled(not forward_only):
+                    loss, metrics = loss_fn(self._logprobs(mb), mb)
+                if not forward_only:
+                    # FSDP averages gradients over dp ranks; the loss is already a share of the global
+                    # mean, so scale back up to make the reduction a sum (replicated sums them).
+                    (loss if self.replicated else loss * self.dp_size).backward()
+                    if self.replicated:
+                        self.replicated.accumulate_gradients()
+                metrics = {**metrics, "num_tokens": mb["attention_mask"].sum()}
+                for name, value in {"loss": loss, **metrics}.items():
+                    value = value.detach().float()
+                    totals[name] = totals[name] + value if name in totals else value
         if forward_only:
             reshard_fsdp(self.module)
         return totals
@@ -331,10 +364,20 @@ class TorchNativeEngine:
             checkpoint.save_weights(self.module, path)
 
     def export_hf(self, path: str) -> None:
-        weights = (self.replicated.model_state_dict(self.module) if self.replicated
+        """The HF directory at `path`; under LoRA the merged weights (base + scaled B·A), and the adapters
+        alone in `path`/adapter as peft writes them (PeftModel.from_pretrained loads it on the base)."""
+        reshard_fsdp(self.module)
+        trained = (self.replicated.model_state_dict(self.module) if self.replicated
                    else get_model_state_dict(self.module))  # the training weights, each rank its pieces
-        checkpoint.export_hf(self.module, weights, self.hf_config, self.architecture, self.tokenizer, path,
-                             dtype=self.compute_dtype)
+        if self.lora_tuning is None:
+            checkpoint.export_hf(self.module, trained, self.hf_config, self.architecture, self.tokenizer, path,
+                                 dtype=self.compute_dtype)
+            return
+        cfg = self.lora_tuning
+        checkpoint.export_hf(self.module, lora.merged_weights(self.module, trained), self.hf_config, self.architecture,
+                             self.tokenizer, path, dtype=self.compute_dtype,
+                             also=lambda tmp: lora.save_peft_adapter(self.module, trained, cfg, self.base_model_path,
+                                                                     os.path.join(tmp, ADAPTER_DIR)))
 
     def state_dict(self) -> dict[str, object]:
         """Engine-level training state that is not weights: scheduler and generation counter."""
@@ -372,5 +415,6 @@ def build_torch_native_engine(model: ModelConfig, pretrained: PretrainedCheckpoi
         restore_from_path=pretrained.restore_from_path,
         options=ComputeOptions.from_config(model, trainer.precision, hf_config, device),
         data_parallel_sharding=model.data_parallel_sharding, seed=model.seed,
+        lora_tuning=model.peft.lora_tuning if model.peft.lora else None,
     )
 

@@ -5,7 +5,9 @@ into this rank's pieces of the weights (FSDP shards, tensor-parallel slices, or 
 the rank replicates it): no rank ever holds the full model, and nothing is broadcast (NeMo AutoModel's
 Checkpointer loads base models the same way). Stored values are cast once into the parameters' dtype.
 A directory whose tensor names are not the model's (e.g. a checkpoint transformers would have to
-rename) is loaded through transformers on rank 0 and broadcast instead, as the log says.
+rename) is loaded through transformers on rank 0 and broadcast instead, as the log says. Under LoRA the
+base weights are matched by their Hugging Face names (lora.hf_name) and the adapters are left to
+lora.init_adapters.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from transformers import AutoModelForCausalLM
 
 from nemo_aligner.engines.torch_native.build import tied_aliases
+from nemo_aligner.engines.torch_native.lora import hf_name, is_adapter
 from nemo_aligner.utils.distributed import log_rank0
 
 logger = logging.getLogger(__name__)
@@ -52,10 +55,11 @@ def stored_tensor_names(path: str) -> set[str] | None:
 def load_hf_weights(model: nn.Module, path: str) -> None:
     """Fill the materialised (and parallelised) `model` from the HF directory `path`, in parallel where
     its tensor names are the model's; tied weights are read once, under their stored name."""
-    state = get_model_state_dict(model)
+    state = {name: tensor for name, tensor in get_model_state_dict(model).items() if not is_adapter(name)}
     stored = stored_tensor_names(path)
-    wanted = {name: tensor for name, tensor in state.items() if stored is not None and name in stored}
-    missing = sorted(set(state) - set(wanted) - set(tied_aliases(model)))
+    by_hf_name = {hf_name(name): name for name in state}
+    wanted = {hf: state[name] for hf, name in by_hf_name.items() if stored is not None and hf in stored}
+    missing = sorted(set(by_hf_name) - set(wanted) - {hf_name(alias) for alias in tied_aliases(model)})
     if stored is None or missing:
         reason = "no safetensors files" if stored is None else f"tensors named otherwise, e.g. {missing[:3]}"
         log_rank0(logger, "%s has %s: loading it on rank 0 through transformers and broadcasting", path, reason)
@@ -65,12 +69,19 @@ def load_hf_weights(model: nn.Module, path: str) -> None:
         load_full_state_dict(model, full)
         return
     dcp.load(wanted, storage_reader=dcp.HuggingFaceStorageReader(path))
-    set_model_state_dict(model, wanted, options=StateDictOptions(strict=False))
+    set_model_state_dict(model, {by_hf_name[hf]: tensor for hf, tensor in wanted.items()}, options=StateDictOptions(strict=False))
     log_rank0(logger, "loaded %d tensors from %s, each rank reading its own part", len(wanted), path)
 
 
 def load_full_state_dict(model: nn.Module, full_state_dict: dict[str, torch.Tensor]) -> None:
-    """Fill `model` from rank 0's full weights (the other ranks pass {}), broadcast piece by piece."""
-    set_model_state_dict(model, full_state_dict,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+    """Fill `model` from rank 0's full weights under their Hugging Face names (the other ranks pass {}),
+    broadcast piece by piece; every weight but the adapters must be there."""
+    names = [name for name in model.state_dict() if not is_adapter(name)]
+    if dist.get_rank() == 0:
+        missing = sorted(hf_name(name) for name in names if hf_name(name) not in full_state_dict)
+        if missing:
+            raise ValueError(f"the weights lack {missing[:3]} ({len(missing)} in all)")
+    renamed = {name: full_state_dict[hf_name(name)] for name in names} if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, renamed, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                  strict=len(names) == len(model.state_dict())))
 

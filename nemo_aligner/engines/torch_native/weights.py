@@ -1,7 +1,7 @@
 """This rank's local weight shards copied to and from buffers on the host or the device (the engine's
 weight-buffers capability), and a fingerprint of the weights.
 
-The buffers hold each distinct parameter's local piece (a DTensor's local shard), by name; tied
+The buffers hold each distinct trained parameter's local piece (a DTensor's local shard), by name; tied
 parameters appear once. Copies are exact in both directions when the buffers keep the parameters'
 dtype; buffers in the compute dtype (bf16) hold exactly what the bf16 forward would use.
 """
@@ -26,10 +26,12 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 
 def _local_params(module: nn.Module) -> Weights:
-    """The sharded parameters' local tensors; FSDP units are resharded first so that these are the
-    weights the optimizer updates, not the gathered copies a forward may have left behind."""
+    """The trained parameters' local tensors (every weight in full fine-tuning; the adapters under LoRA,
+    whose frozen base never changes, so a copy of them is a copy of the model); FSDP units are resharded
+    first so that these are the weights the optimizer updates, not the gathered copies a forward may have
+    left behind."""
     reshard_fsdp(module)
-    return {name: _local(param).detach() for name, param in module.named_parameters()}
+    return {name: _local(param).detach() for name, param in module.named_parameters() if param.requires_grad}
 
 
 @torch.no_grad()
