@@ -23,6 +23,12 @@ sigmoid loss, beta 0.1; plus our README configuration (512 + 512 tokens, 64 pair
   ours_micro4, ours_micro2  ours_precomputed in micro-batches of 4 / 2 pairs (the same 8 pairs per step): memory
                      bounded by the micro-batch instead of recomputation
   ours_readme        the README configuration, bf16 with fp32 masters, reference precomputed
+  trl_lora           TRL default with a peft LoraConfig (r 16, alpha 32, all linear layers): its reference is the
+                     adapter-free model
+  ours_lora          model.peft.peft_scheme=lora with the same adapters, reference adapters_disabled
+  ours_lora_precomputed  the same with the reference precomputed
+(LoRA runs count 2 forward-equivalents for the policy instead of 3: the frozen base's weight gradients are
+never computed, so their MFU is not inflated by work they skip.)
 
 `--workload pm64` draws every prompt and response length within +-64 of the given ones (uniform),
 `--workload longtail` log-uniform from 32 to 1024 tokens each (sequences of 64 to 2048): variable-length
@@ -71,7 +77,11 @@ RUNS = {
     "ours_micro2": dict(system="ours", precision="bf16", reference="precomputed", micro_pairs=2),
     "ours_readme": dict(system="ours", precision="bf16", reference="precomputed", prompt_len=512, response_len=512,
                         pairs=64, micro_pairs=8),
+    "trl_lora": dict(system="trl", precompute=False, gradient_checkpointing=True, lora=True),
+    "ours_lora": dict(system="ours", precision="bf16", reference="adapters_disabled", lora=True),
+    "ours_lora_precomputed": dict(system="ours", precision="bf16", reference="precomputed", lora=True),
 }
+LORA_RANK, LORA_ALPHA = 16, 32.0  # on every linear layer but the LM head, in both systems
 MAX_WORDS = 32000  # the synthetic tokenizer's words: "t0" ... "t31999", one token each
 
 
@@ -172,13 +182,20 @@ def run_trl(spec: dict, args: argparse.Namespace) -> dict:
                        dataloader_num_workers=0, seed=0,
                        use_cpu=not torch.cuda.is_available())
     # TRL loads its reference from the policy's checkpoint path; a random model has none, so it gets a copy,
-    # which is what that load gives
-    ref_model = None if spec["precompute"] else copy.deepcopy(model)
+    # which is what that load gives; with peft its reference is the adapter-free model (no copy)
+    ref_model = None if spec["precompute"] or spec.get("lora") else copy.deepcopy(model)
+    peft_config = None
+    if spec.get("lora"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[StepTimer()])
+                         processing_class=tokenizer, callbacks=[StepTimer()], peft_config=peft_config)
     _reset_peak_memory()
     trainer.train()
-    result = _step_summary(step_times[args.warmup:], args, examples, online_reference=not spec["precompute"])
+    result = _step_summary(step_times[args.warmup:], args, examples, online_reference=not spec["precompute"],
+                           lora=spec.get("lora", False))
     result["padding_share"] = padding_share(examples, args.pairs, args.pairs, packing=False)  # its batches: one padded block
     if precompute_times:
         pairs, seconds = precompute_times[0]
@@ -212,8 +229,8 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
     import functools
 
     from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig
-    from nemo_aligner.config.schema import (OptimConfig, Precision, PretrainedCheckpointConfig, ReferenceConfig,
-                                            ReferenceStrategy, TrainerConfig)
+    from nemo_aligner.config.schema import (LoraTuningConfig, OptimConfig, PeftConfig, Precision,
+                                            PretrainedCheckpointConfig, ReferenceConfig, ReferenceStrategy, TrainerConfig)
     from nemo_aligner.data.collate import pair_collate
     from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
     from nemo_aligner.reference import PrecomputedReference
@@ -231,6 +248,8 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
                          activations_checkpoint_num_layers=(SHAPES[args.shape]["num_hidden_layers"] // 2
                                                             if spec.get("checkpoint_layers") == "half" else None),
                          optim=OptimConfig(lr=1e-6),
+                         peft=(PeftConfig(peft_scheme="lora", lora_tuning=LoraTuningConfig(adapter_dim=LORA_RANK, alpha=LORA_ALPHA))
+                               if spec.get("lora") else PeftConfig()),
                          dpo=DPOLossConfig(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.ref_micro_pairs,
                                            reference=ReferenceConfig(strategy=ReferenceStrategy(spec["reference"]))))
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=SHAPES[args.shape],
@@ -267,7 +286,7 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
         step(index)
         sync()
         times.append(time.perf_counter() - start)
-    result.update(_step_summary(times[args.warmup:], args, examples,
+    result.update(_step_summary(times[args.warmup:], args, examples, lora=spec.get("lora", False),
                                 online_reference=not isinstance(policy.reference, PrecomputedReference)))
     result["memory_between_steps_gib"] = _allocated_gib()
     result["losses"] = losses  # the same data and initialisation in every run of ours: comparable across modes
@@ -316,14 +335,16 @@ def _allocated_gib() -> float:
 
 # ---------------------------------------------------------------------------------------------- both
 def _step_summary(times: list[float], args: argparse.Namespace, examples: list[tuple[list[int], list[int], list[int]]],
-                  *, online_reference: bool) -> dict:
+                  *, online_reference: bool, lora: bool = False) -> dict:
     """Median step time; tokens and model FLOPs per step are the `examples`' means per pair x pairs per step
-    (the real tokens of both sequences of a pair: padding is not counted)."""
+    (the real tokens of both sequences of a pair: padding is not counted). Forward-equivalents per step: the
+    policy's forward and backward 3 (2 under LoRA: no weight gradients of the frozen base), an online
+    reference 1."""
     step = statistics.median(times)
     sequences = [len(p) + len(r) for p, c, rj in examples for r in (c, rj)]
     tokens = args.pairs * sum(sequences) / len(examples)
     forward = sum(n * forward_flops_per_token(SHAPES[args.shape], n) for n in sequences) / len(examples) * args.pairs
-    flops = (4 if online_reference else 3) * forward
+    flops = ((2 if lora else 3) + online_reference) * forward
     return {"step_time_s": step, "step_times_s": times, "tokens_per_s": tokens / step, "model_tflops_per_step": flops / 1e12,
             "achieved_tflops": flops / step / 1e12,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")}
