@@ -27,6 +27,7 @@ sigmoid loss, beta 0.1; plus our README configuration (512 + 512 tokens, 64 pair
                      adapter-free model
   ours_lora          model.peft.peft_scheme=lora with the same adapters, reference adapters_disabled
   ours_lora_precomputed  the same with the reference precomputed
+  ours_simpo, ours_orpo  reference-free losses (no reference forward, no precompute), bf16 with fp32 masters
 (LoRA runs count 2 forward-equivalents for the policy instead of 3: the frozen base's weight gradients are
 never computed, so their MFU is not inflated by work they skip.)
 
@@ -80,6 +81,8 @@ RUNS = {
     "trl_lora": dict(system="trl", precompute=False, gradient_checkpointing=True, lora=True),
     "ours_lora": dict(system="ours", precision="bf16", reference="adapters_disabled", lora=True),
     "ours_lora_precomputed": dict(system="ours", precision="bf16", reference="precomputed", lora=True),
+    "ours_simpo": dict(system="ours", precision="bf16", reference="auto", loss="simpo"),
+    "ours_orpo": dict(system="ours", precision="bf16", reference="auto", loss="orpo"),
 }
 LORA_RANK, LORA_ALPHA = 16, 32.0  # on every linear layer but the LM head, in both systems
 MAX_WORDS = 32000  # the synthetic tokenizer's words: "t0" ... "t31999", one token each
@@ -233,7 +236,7 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
                                             PretrainedCheckpointConfig, ReferenceConfig, ReferenceStrategy, TrainerConfig)
     from nemo_aligner.data.collate import pair_collate
     from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
-    from nemo_aligner.reference import PrecomputedReference
+    from nemo_aligner.reference import NoReference, PrecomputedReference
 
     from nemo_aligner.config.dpo import PreferenceDataConfig
 
@@ -250,7 +253,7 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
                          optim=OptimConfig(lr=1e-6),
                          peft=(PeftConfig(peft_scheme="lora", lora_tuning=LoraTuningConfig(adapter_dim=LORA_RANK, alpha=LORA_ALPHA))
                                if spec.get("lora") else PeftConfig()),
-                         dpo=DPOLossConfig(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.ref_micro_pairs,
+                         dpo=DPOLossConfig(ref_policy_kl_penalty=0.1, preference_loss=spec.get("loss", "dpo"), log_prob_forward_micro_batch_size=args.ref_micro_pairs,
                                            reference=ReferenceConfig(strategy=ReferenceStrategy(spec["reference"]))))
     policy = GPTDPOModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=SHAPES[args.shape],
                                                          tokenizer_path=args.tokenizer),
@@ -287,7 +290,7 @@ def run_ours(spec: dict, args: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     result.update(_step_summary(times[args.warmup:], args, examples, lora=spec.get("lora", False),
-                                online_reference=not isinstance(policy.reference, PrecomputedReference)))
+                                online_reference=not isinstance(policy.reference, (PrecomputedReference, NoReference))))
     result["memory_between_steps_gib"] = _allocated_gib()
     result["losses"] = losses  # the same data and initialisation in every run of ours: comparable across modes
     result["engine"] = policy.engine.describe()

@@ -117,10 +117,12 @@ def test_lora_at_tensor_parallel_trains_saves_and_resumes_as_one_process(runs: d
     _close(runs["resume1"]["lora_resumed_from_2proc"], runs["single"]["lora_steps"][2:])
 
 
-@pytest.mark.parametrize("layout", ["dpolora_dp2", "dpolora_tp2", "dpolora_fsdp_dp2", "spinlora_tp2"])
-def test_lora_steps_match_one_process(runs: dict, layout: str) -> None:
+@pytest.mark.parametrize("layout", ["dpolora_dp2", "dpolora_tp2", "dpolora_fsdp_dp2", "spinlora_tp2", "dpobco_dp2",
+                                    "dpobco_tp2", "dposimpo_dp2", "dposimpo_tp2"])
+def test_lora_and_catalogue_losses_match_one_process(runs: dict, layout: str) -> None:
     """LoRA (peft) with the adapter-disabled DPO reference, and SPIN's copy of the adapters: replicated and
-    FSDP data parallel, and tensor parallel with the adapters split as their base layers are."""
+    FSDP data parallel, and tensor parallel with the adapters split as their base layers are; BCO, whose
+    running reward mean (reported as bco_reward_mean) is state, and reference-free SimPO."""
     one, two = runs["single"][layout.split("_")[0]], runs["parallel"][layout]
     assert [sorted(m) for m in one] == [sorted(m) for m in two]
     for name in one[0]:

@@ -70,10 +70,10 @@ def test_gradient_signs() -> None:
 
 
 def test_registry_rejects_duplicates_and_lists_names() -> None:
-    assert sorted(PREFERENCE_LOSSES) == ["dpo", "ipo", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_sq"]
+    assert {"dpo", "ipo", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_sq", "simpo", "orpo", "cpo"} <= set(PREFERENCE_LOSSES)
     with pytest.raises(ValueError, match="already registered"):
         register_preference_loss("dpo")(lambda pairs, *, beta: pairs.margin)
-    with pytest.raises(ValueError, match=r"unknown preference loss 'kto'; valid: \['dpo', 'ipo'"):
+    with pytest.raises(ValueError, match=r"unknown preference loss 'kto'; valid: \[.*'dpo', .*'ipo'"):
         get_preference_loss("kto")
 
 
@@ -103,7 +103,7 @@ def test_preference_pairs_split_the_pair_layout_rows() -> None:
 
 def test_binding_checks_the_name_and_the_loss_own_hyper_parameters() -> None:
     assert bind_preference_loss("ipo", {}, key="model.dpo.preference_loss") is PREFERENCE_LOSSES["ipo"]
-    with pytest.raises(ValueError, match=r"model.dpo.preference_loss='kto' is invalid: it must be one of \['dpo', 'ipo'"):
+    with pytest.raises(ValueError, match=r"model.dpo.preference_loss='kto' is invalid: it must be one of \[.*'dpo', .*'ipo'"):
         bind_preference_loss("kto", {}, key="model.dpo.preference_loss")
     with pytest.raises(ValueError, match=r"model.dpo.preference_loss='dpo': hyper-parameters \{'gamma': 1.0\} do not fit"):
         bind_preference_loss("dpo", {"gamma": 1.0}, key="model.dpo.preference_loss")

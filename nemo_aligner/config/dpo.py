@@ -25,11 +25,36 @@ DPO_VALIDATION_METRICS = ("loss", "preference_loss", "sft_loss", "acc", "rewards
 
 
 @dataclass
+class PreferenceLossParams:
+    """model.dpo.loss_params: the losses' own hyper-parameters; each loss reads the ones it names (README's table)."""
+
+    label_smoothing: float = 0.0  # ε, the chance a label is flipped: dpo (ε > 0: conservative DPO) and robust
+    exo_epsilon: float = 1.0e-3  # exo_pair: the smoothing of its target distribution
+    simpo_gamma: float = 0.5  # simpo: the target reward margin γ
+    orpo_lambda: float = 0.1  # orpo: the odds-ratio term's weight λ
+    cpo_alpha: float = 1.0  # cpo: the behaviour-cloning (chosen NLL) term's weight
+    discopop_tau: float = 0.05  # discopop: the temperature τ of its modulation
+
+    def __post_init__(self) -> None:
+        key = "model.dpo.loss_params."
+        require(0 <= self.label_smoothing < 0.5, key + "label_smoothing", self.label_smoothing, "in [0, 0.5)")
+        require(0 < self.exo_epsilon < 0.5, key + "exo_epsilon", self.exo_epsilon, "in (0, 0.5)")
+        require(self.simpo_gamma >= 0, key + "simpo_gamma", self.simpo_gamma, ">= 0")
+        require(self.orpo_lambda > 0, key + "orpo_lambda", self.orpo_lambda, "> 0")
+        require(self.cpo_alpha >= 0, key + "cpo_alpha", self.cpo_alpha, ">= 0")
+        require(0 < self.discopop_tau < 1, key + "discopop_tau", self.discopop_tau, "in (0, 1)")
+
+
+@dataclass
 class DPOLossConfig:
-    """model.dpo: the preference loss and its weights."""
+    """model.dpo: the preference loss(es) and their weights."""
 
     ref_policy_kl_penalty: float = 0.2  # beta
-    preference_loss: str = "dpo"  # a name in nemo_aligner.losses.PREFERENCE_LOSSES (checked when the model is built)
+    # a name in nemo_aligner.losses.PREFERENCE_LOSSES, or a list of names whose weighted sum is the loss
+    # (checked when the model is built)
+    preference_loss: Any = "dpo"
+    preference_loss_weights: Optional[list[float]] = None  # with a list of losses: one weight each; null: all 1
+    loss_params: PreferenceLossParams = field(default_factory=PreferenceLossParams)
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
     preference_average_log_probs: bool = False  # R as a per-token mean instead of a sum
@@ -46,6 +71,23 @@ class DPOLossConfig:
             raise ValueError("model.dpo.preference_loss_weight and model.dpo.sft_loss_weight are both 0: nothing to train")
         require(self.log_prob_forward_micro_batch_size >= 1, "model.dpo.log_prob_forward_micro_batch_size",
                  self.log_prob_forward_micro_batch_size, ">= 1")
+        names = self.preference_losses
+        require(len(names) >= 1 and all(isinstance(n, str) for n in names) and len(set(names)) == len(names),
+                "model.dpo.preference_loss", self.preference_loss, "a loss name or a list of distinct names")
+        if self.preference_loss_weights is not None:
+            weights = list(self.preference_loss_weights)
+            require(len(weights) == len(names) and all(w >= 0 for w in weights) and sum(weights) > 0,
+                    "model.dpo.preference_loss_weights", weights,
+                    f"{len(names)} weights >= 0 (one per model.dpo.preference_loss), not all 0")
+
+    @property
+    def preference_losses(self) -> list[str]:
+        """model.dpo.preference_loss as a list of names."""
+        return list(self.preference_loss) if isinstance(self.preference_loss, (list, tuple)) else [self.preference_loss]
+
+    @property
+    def weights(self) -> list[float]:
+        return list(self.preference_loss_weights) if self.preference_loss_weights is not None else [1.0] * len(self.preference_losses)
 
 
 @dataclass

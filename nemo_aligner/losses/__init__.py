@@ -4,7 +4,10 @@ micro-batch (DPO, SPIN, SFT) and the per-sequence reductions they share."""
 from nemo_aligner.losses.dpo import dpo_loss_fn, finalize_dpo_metrics
 from nemo_aligner.losses.preference import (
     PREFERENCE_LOSSES,
+    REFERENCE_FREE,
     PreferencePairs,
+    PreferenceTerm,
+    build_preference_terms,
     bind_preference_loss,
     dpo_loss,
     get_preference_loss,
@@ -21,7 +24,10 @@ from nemo_aligner.losses.spin import spin_loss_fn
 
 __all__ = [
     "PREFERENCE_LOSSES",
+    "REFERENCE_FREE",
     "PreferencePairs",
+    "PreferenceTerm",
+    "build_preference_terms",
     "bind_preference_loss",
     "dpo_loss",
     "dpo_loss_fn",

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from nemo_aligner.losses.preference import PreferenceLoss, preference_pairs
+from typing import Mapping
+
+from nemo_aligner.losses.preference import PreferenceTerm, combined_preference_loss, preference_pairs
 from nemo_aligner.losses.reward_metrics import finalize_reward_metrics, reward_moments
 from nemo_aligner.losses.sequence import sequence_nll
 from nemo_aligner.types import Batch, chosen_rows, rejected_rows
 
 
-def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, preference_loss: PreferenceLoss, beta: float,
+def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, preference_terms: list[PreferenceTerm], beta: float,
                 preference_weight: float, sft_weight: float, average_log_probs: bool, sft_average_log_probs: bool,
-                gt_reward_scale: float, global_pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """This micro-batch's share of preference_weight · L_pref + sft_weight · L_sft.
+                gt_reward_scale: float, global_pairs: torch.Tensor,
+                loss_state: Mapping[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of preference_weight · L_pref + sft_weight · L_sft, L_pref = Σ_i w_i · loss_i.
 
     Args:
         logprobs: [2P, T-1] policy log-probs of pair-layout rows.
-        batch: loss_mask [2P, T], ref_logps [2P] (the reference's Σ_t log-probs per row), rewards [2P].
-        preference_loss: a registered loss with its own hyper-parameters bound (bind_preference_loss).
+        batch: loss_mask [2P, T], rewards [2P], and ref_logps [2P] (the reference's Σ_t log-probs per
+            row) unless every loss is reference-free.
+        preference_terms: the registered losses with their weights and hyper-parameters (build_preference_terms).
+        loss_state: the values of the losses' state parameters for this step (e.g. BCO's reward mean).
         beta: β, the KL coefficient; rewards are reported as β·R (the implicit DPO reward).
         preference_weight, sft_weight: the two terms' weights.
         average_log_probs: R as a per-token mean instead of a sum.
@@ -30,9 +35,9 @@ def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, preference_loss: Prefer
     mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
     rewards = batch["rewards"]
     gt_margin = gt_reward_scale * (chosen_rows(rewards) - rejected_rows(rewards)).to(logprobs.dtype)
-    pairs = preference_pairs(logprobs, mask, ref_logps=batch["ref_logps"], average_log_probs=average_log_probs,
+    pairs = preference_pairs(logprobs, mask, ref_logps=batch.get("ref_logps"), average_log_probs=average_log_probs,
                              gt_margin=gt_margin)
-    preference = preference_loss(pairs, beta=beta)
+    preference, own = combined_preference_loss(pairs, preference_terms, beta=beta, state=loss_state or {})
     sft = sequence_nll(chosen_rows(logprobs), chosen_rows(mask), average=sft_average_log_probs)
     loss = (preference_weight * preference + sft_weight * sft).sum() / global_pairs
     metrics = {
@@ -41,6 +46,7 @@ def dpo_loss_fn(logprobs: torch.Tensor, batch: Batch, *, preference_loss: Prefer
         "acc": (pairs.chosen_logratios > pairs.rejected_logratios).float().sum() / global_pairs,
         **reward_moments(beta * pairs.chosen_logratios, beta * pairs.rejected_logratios, global_pairs,
                          first_name="chosen", second_name="rejected"),
+        **{name: value.sum() / global_pairs for name, value in own.items()},
     }
     return loss, metrics
 

@@ -3,8 +3,9 @@
 
 from nemo_aligner.reference.base import ReferencePolicy, sum_over_scored
 from nemo_aligner.reference.build import build_reference_policy
+from nemo_aligner.reference.none import NoReference
 from nemo_aligner.reference.precomputed import PrecomputedReference
 from nemo_aligner.reference.weight_copy import WeightCopyReference, copy_of_weights
 
-__all__ = ["PrecomputedReference", "ReferencePolicy", "WeightCopyReference", "build_reference_policy",
+__all__ = ["NoReference", "PrecomputedReference", "ReferencePolicy", "WeightCopyReference", "build_reference_policy",
            "copy_of_weights", "sum_over_scored"]

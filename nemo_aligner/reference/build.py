@@ -11,6 +11,7 @@ from nemo_aligner.config.schema import ReferenceStrategy
 from nemo_aligner.engines.base import Engine
 from nemo_aligner.reference.adapters_disabled import AdaptersDisabledReference
 from nemo_aligner.reference.base import ReferencePolicy
+from nemo_aligner.reference.none import NoReference
 from nemo_aligner.reference.precomputed import PrecomputedReference
 from nemo_aligner.reference.weight_copy import WeightCopyReference
 from nemo_aligner.utils.distributed import log_rank0
@@ -22,10 +23,15 @@ RESIDENT_BYTES_PER_PARAMETER = 4 + 4
 RESIDENT_SHARE_OF_FREE_MEMORY = 0.5
 
 
-def build_reference_policy(strategy: ReferenceStrategy, engine: Engine, *, precomputable: bool) -> ReferencePolicy:
+def build_reference_policy(strategy: ReferenceStrategy, engine: Engine, *, precomputable: bool,
+                           reference_free: bool = False) -> ReferencePolicy:
     """The reference as `strategy` holds it; `auto` is precomputed where the reference never changes
     (`precomputable`, DPO), else resident when it takes at most half the free device memory, else swap.
-    SPIN's config refuses the strategies of a reference that never changes (precomputed, adapters_disabled)."""
+    SPIN's config refuses the strategies of a reference that never changes (precomputed, adapters_disabled).
+    `reference_free` (every loss reference-free): no reference at all (NoReference)."""
+    if reference_free:
+        log_rank0(logger, "reference policy: none (the preference loss is reference-free)")
+        return NoReference()
     if strategy is ReferenceStrategy.auto:
         strategy = (ReferenceStrategy.precomputed if precomputable
                     else ReferenceStrategy.resident if _fits_on_device(engine) else ReferenceStrategy.swap)

@@ -212,7 +212,10 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
                  "spin_packed": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, packing=True),
                  "dpolora": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, lora=True,
                                       reference=ReferenceStrategy.adapters_disabled),
-                 "spinlora": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, lora=True)}
+                 "spinlora": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, lora=True),
+                 "dpobco": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, loss="bco_pair", steps=3),
+                 "dposimpo": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, loss="simpo",
+                                       reference=ReferenceStrategy.auto)}
     out["bf16_steps"] = run_steps(build(model_dir, tp=1, precision=Precision.bf16), 0, STEPS)
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
@@ -246,7 +249,11 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
                  **{f"dpolora_{name}": dpo_steps(model_dir, f"{work}/pairs.jsonl", tp, precision, lora=True, sharding=sharding,
                                                  reference=ReferenceStrategy.adapters_disabled)
                     for name, tp, sharding in (("dp2", 1, "auto"), ("tp2", 2, "auto"), ("fsdp_dp2", 1, "fsdp"))},
-                 "spinlora_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision, lora=True)}
+                 "spinlora_tp2": spin_steps(model_dir, f"{work}/sft.jsonl", 2, precision, lora=True),
+                 **{f"dpobco_{name}": dpo_steps(model_dir, f"{work}/pairs.jsonl", tp, precision, loss="bco_pair", steps=3)
+                    for name, tp in (("dp2", 1), ("tp2", 2))},
+                 **{f"dposimpo_{name}": dpo_steps(model_dir, f"{work}/pairs.jsonl", tp, precision, loss="simpo",
+                                                  reference=ReferenceStrategy.auto) for name, tp in (("dp2", 1), ("tp2", 2))}}
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1, precision=precision)

@@ -14,17 +14,21 @@ import torch
 from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig
 from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.losses.dpo import dpo_loss_fn, finalize_dpo_metrics
-from nemo_aligner.losses.preference import bind_preference_loss
+from dataclasses import asdict
+
+from nemo_aligner.config.schema import ReferenceStrategy
+from nemo_aligner.losses.preference import PreferenceTerm, build_preference_terms
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.reference import ReferencePolicy, build_reference_policy, sum_over_scored
 from nemo_aligner.types import ROWS_PER_PAIR, Batch
 
 
 def build_dpo_loss_fn(dpo: DPOLossConfig) -> functools.partial:
-    """dpo_loss_fn with model.dpo's values bound (all but global_pairs); an unknown loss name fails here."""
-    preference_loss = bind_preference_loss(dpo.preference_loss, {}, key="model.dpo.preference_loss")
+    """dpo_loss_fn with model.dpo's values bound (all but global_pairs and the loss state); an unknown loss
+    name fails here."""
+    terms = build_preference_terms(dpo.preference_losses, dpo.weights, asdict(dpo.loss_params), key="model.dpo.preference_loss")
     return functools.partial(
-        dpo_loss_fn, preference_loss=preference_loss, beta=dpo.ref_policy_kl_penalty,
+        dpo_loss_fn, preference_terms=terms, beta=dpo.ref_policy_kl_penalty,
         preference_weight=dpo.preference_loss_weight, sft_weight=dpo.sft_loss_weight,
         average_log_probs=dpo.preference_average_log_probs, sft_average_log_probs=dpo.sft_average_log_probs,
         gt_reward_scale=dpo.gt_reward_scale)
@@ -39,10 +43,18 @@ class GPTDPOModel(GPTModel):
 
     def __init__(self, cfg: DPOModelConfig, pretrained: PretrainedCheckpointConfig, trainer: TrainerConfig) -> None:
         self.loss_fn = build_dpo_loss_fn(cfg.dpo)  # checks the loss name before anything is built
+        terms: list[PreferenceTerm] = self.loss_fn.keywords["preference_terms"]
+        self.reference_free = all(term.reference_free for term in terms)
+        if self.reference_free and cfg.dpo.reference.strategy is not ReferenceStrategy.auto:
+            raise ValueError(f"model.dpo.reference.strategy={cfg.dpo.reference.strategy.value}: model.dpo.preference_loss="
+                             f"{cfg.dpo.preference_loss} is reference-free and computes no reference; set it to auto")
+        # the losses' state (BCO's running mean of the rewards): {name: (value, rewards seen)}
+        self.loss_state = {name: (0.0, 0) for term in terms for name in term.state}
         super().__init__(cfg, pretrained, trainer)
         self.dpo = cfg.dpo
         self.reference: ReferencePolicy = build_reference_policy(cfg.dpo.reference.strategy, self.engine,
-                                                                 precomputable=self.auto_reference_precomputed)
+                                                                 precomputable=self.auto_reference_precomputed,
+                                                                 reference_free=self.reference_free)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """Per-token log-probs [2P, T-1] under the reference (initial) weights (weight-holding strategies)."""
@@ -62,7 +74,30 @@ class GPTDPOModel(GPTModel):
     def loss_and_metrics(self, batch: Batch, *, forward_only: bool) -> dict[str, float]:
         """Score the batch against the reference, run forward(/backward), return reduced metrics."""
         batch = self.on_device(batch)
-        batch["ref_logps"] = self.reference_logps(batch)
-        loss_fn = functools.partial(self.loss_fn, global_pairs=self.global_examples(batch))
+        if not self.reference_free:
+            batch["ref_logps"] = self.reference_logps(batch)
+        loss_fn = functools.partial(self.loss_fn, global_pairs=self.global_examples(batch),
+                                    loss_state={name: value for name, (value, _) in self.loss_state.items()})
         sums = self.forward_backward(batch, loss_fn, forward_only=forward_only)
-        return finalize_dpo_metrics(sums)
+        metrics = finalize_dpo_metrics(sums)
+        if "bco_reward_mean" in self.loss_state:  # the δ this step's loss used
+            metrics["bco_reward_mean"] = self.loss_state["bco_reward_mean"][0]
+        if not forward_only and "bco_reward_mean" in self.loss_state:
+            # BCO's δ: the running mean of every reward β·R of the training steps so far (this step's mean is
+            # already reduced over data-parallel ranks, so every rank and layout keeps the same δ)
+            mean, seen = self.loss_state["bco_reward_mean"]
+            rewards = 2 * self.cfg.global_batch_size
+            self.loss_state["bco_reward_mean"] = ((mean * seen + metrics["rewards_all_mean"] * rewards) / (seen + rewards),
+                                                  seen + rewards)
+        return metrics
+
+    def state_dict(self) -> dict[str, object]:
+        """The engine's training state, and the losses' own (BCO's running reward mean)."""
+        return {**super().state_dict(), "loss_state": {name: list(value) for name, value in self.loss_state.items()}}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        state = dict(state)
+        saved = state.pop("loss_state", {})
+        self.loss_state.update({name: (float(value), int(seen)) for name, (value, seen) in saved.items()  # type: ignore[union-attr]
+                                if name in self.loss_state})
+        super().load_state_dict(state)
