@@ -103,17 +103,18 @@ def test_packed_steps_give_the_padded_metrics(runs: dict, algorithm: str) -> Non
         _close([m[name] for m in packed], [m[name] for m in padded])
 
 
-@pytest.mark.parametrize("lora", ["", "_lora"])
-def test_exports_from_both_layouts_load_with_equal_weights(runs: dict, lora: str) -> None:
-    """Full fine-tuning, and LoRA's merged weights (base + scaled B·A from tensor-parallel adapters)."""
+@pytest.mark.parametrize("lora, layout", [("", "tp2"), ("_lora", "tp2"), ("_lora", "fsdp")])
+def test_exports_from_both_layouts_load_with_equal_weights(runs: dict, lora: str, layout: str) -> None:
+    """Full fine-tuning, and LoRA's merged weights (base + scaled B·A from tensor-parallel or FSDP-sharded adapters)."""
     one = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], f"hf{lora}_1proc"), dtype=torch.float32)
-    two = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], f"hf{lora}_tp2"), dtype=torch.float32)
+    two = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], f"hf{lora}_{layout}"), dtype=torch.float32)
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(a, b, atol=TOL, rtol=0, msg=name)
 
 
 def test_lora_at_tensor_parallel_trains_saves_and_resumes_as_one_process(runs: dict) -> None:
     _close(runs["parallel"]["lora_tp2_steps"], runs["single"]["lora_steps"])
+    _close(runs["parallel"]["lora_fsdp_steps"], runs["single"]["lora_steps"])
     _close(runs["resume1"]["lora_resumed_from_2proc"], runs["single"]["lora_steps"][2:])
 
 

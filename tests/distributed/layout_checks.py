@@ -289,6 +289,9 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
     save(adapted, f"{work}/ckpt_lora_2proc", SAVE_AT)
     out["lora_tp2_steps"] += run_steps(adapted, SAVE_AT, STEPS)
     adapted.export_hf(f"{work}/hf_lora_tp2")
+    adapted = build(model_dir, tp=1, precision=precision, lora=True, sharding="fsdp")
+    out["lora_fsdp_steps"] = run_steps(adapted, 0, STEPS)
+    adapted.export_hf(f"{work}/hf_lora_fsdp")
     return out
 
 
