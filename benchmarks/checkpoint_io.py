@@ -37,10 +37,6 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dpo_throughput import SHAPES, sync  # noqa: E402
 
-SHAPES_HERE = {**SHAPES, "llama-3.1-8b": dict(
-    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=5e5,
-    rms_norm_eps=1e-5, tie_word_embeddings=False)}
 PHASES = ("load_parallel", "load_rank0", "save")
 
 
@@ -55,7 +51,7 @@ def write_random_model(shape: str, path: str, tokenizer: str) -> None:
 
     if os.path.isfile(os.path.join(path, "config.json")):
         return
-    kwargs = dict(SHAPES_HERE[shape])
+    kwargs = dict(SHAPES[shape])
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -163,7 +159,7 @@ def phase_main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES_HERE), default="qwen2.5-0.5b")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--processes", type=int, default=1, help="torchrun processes per phase")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--phases", default=",".join(PHASES))

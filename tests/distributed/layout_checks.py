@@ -54,11 +54,11 @@ def loader_args(policy: GPTModel, cfg: DPOModelConfig | SPINModelConfig) -> dict
 
 def build(model_dir: str, tp: int, precision: Precision, sharding: str = "auto",
           data: DataLoadingConfig | None = None, engine: str = "torch_native", pp: int = 1,
-          vp: int | None = None, lora: bool = False) -> GPTModel:
+          vp: int | None = None, lora: bool = False, micro_batch: int = MICRO_BATCH) -> GPTModel:
     """The plain policy of the layout checks; with `data`, a model section that has one (e.g. for packing)."""
     cfg = ModelConfig(engine=engine, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
                       peft=LORA if lora else PeftConfig(),
-                      micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
+                      micro_batch_size=micro_batch, global_batch_size=GLOBAL_BATCH, tensor_model_parallel_size=tp,
                       seed=7, log_prob_chunk_size=5, data_parallel_sharding=sharding, torch_compile=TORCH_COMPILE,
                       optim=OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1, min_lr=1e-4)))
     if data is not None:
@@ -84,15 +84,15 @@ def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: i
               reference: ReferenceStrategy = ReferenceStrategy.swap, packing: bool = False,
               loss: str = "rpo_bwd_kl", engine: str = "torch_native", pp: int = 1,
               sequence_parallel: bool = False, vp: int | None = None, lora: bool = False,
-              sharding: str = "auto") -> list[dict[str, float]]:
+              sharding: str = "auto", micro_batch: int = 2, global_batch: int = 4) -> list[dict[str, float]]:
     """Metrics of `steps` DPO steps (`loss` + SFT term) on the pairs in `data`, with the reference
     held by `reference` (precomputed: one pass first, cached beside the data), packed or padded, on
     `engine` with `pp` pipeline stages, full fine-tuning or LoRA."""
     cfg = DPOModelConfig(engine=engine, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
                          peft=LORA if lora else PeftConfig(), data_parallel_sharding=sharding,
                          virtual_pipeline_model_parallel_size=vp,
-                         micro_batch_size=2, global_batch_size=4, tensor_model_parallel_size=tp, seed=7,
-                         encoder_seq_length=32, optim=OptimConfig(lr=3e-3), torch_compile=TORCH_COMPILE,
+                         micro_batch_size=micro_batch, global_batch_size=global_batch, tensor_model_parallel_size=tp,
+                         seed=7, encoder_seq_length=32, optim=OptimConfig(lr=3e-3), torch_compile=TORCH_COMPILE,
                          dpo=DPOLossConfig(preference_loss=loss, sft_loss_weight=0.5,
                                            log_prob_forward_micro_batch_size=1,
                                            reference=ReferenceConfig(strategy=reference)),
