@@ -46,6 +46,7 @@ class PlainEngine:
         self.generation_calls = 0
 
     has_adapters = False
+    checkpoint_formats = ("torch_dist",)
 
     def adapters_disabled(self) -> contextlib.AbstractContextManager[None]:
         raise RuntimeError("the plain test engine has no adapters")

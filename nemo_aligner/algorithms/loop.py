@@ -19,6 +19,7 @@ from nemo_aligner.config.loader import load_config
 from nemo_aligner.config.schema import ExpManagerConfig, LoopConfig, resolve_count
 from nemo_aligner.data.loader import StepDataLoader
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.types import require
 from nemo_aligner.utils.checkpoint import CheckpointManager, ShardedSaveable, Stateful
 from nemo_aligner.utils.distributed import is_rank0, log_rank0
 from nemo_aligner.utils.log_dir import CHECKPOINTS, start_run
@@ -97,6 +98,9 @@ class BaseTrainer:
                                                                           val_dataloader.sampler.batches_per_epoch)
         self.log_dir = exp.explicit_log_dir
         ckpt = exp.checkpoint_callback_params
+        formats = model.checkpoint_formats
+        require(ckpt.model_save_format in formats, "exp_manager.checkpoint_callback_params.model_save_format",
+                ckpt.model_save_format, f"one of {list(formats)} with this model.engine")
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, CHECKPOINTS), save_top_k=ckpt.save_top_k,
                                              monitor=ckpt.monitor, mode=ckpt.mode, asynchronous=ckpt.async_save,
                                              model_save_format=ckpt.model_save_format,

@@ -64,6 +64,7 @@ class Engine(Protocol):
     # Work done once per share (e.g. a call to a reward server) runs on its first rank and is broadcast.
     model_parallel_group: dist.ProcessGroup | None
     has_adapters: bool  # LoRA (model.peft.peft_scheme=lora): only adapters train; the weight buffers hold them
+    checkpoint_formats: tuple[str, ...]  # the weights_format values `save` writes (model_save_format's choices)
 
     def describe(self) -> str:
         """One line for the log: architecture, parameter count, layout, precision."""

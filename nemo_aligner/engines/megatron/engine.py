@@ -93,6 +93,7 @@ class MegatronEngine:
         self._offload = HostOffload(device)
 
     has_adapters = False  # model.peft.peft_scheme=lora is refused at build
+    checkpoint_formats = ("torch_dist",)  # dist_checkpointing, written synchronously
 
     def adapters_disabled(self) -> contextlib.AbstractContextManager[None]:
         raise RuntimeError("the megatron engine has no adapters")

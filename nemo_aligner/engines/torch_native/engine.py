@@ -161,6 +161,8 @@ class TorchNativeEngine:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())  # DTensor numel is the global size
 
+    checkpoint_formats = checkpoint.CHECKPOINT_FORMATS
+
     # ------------------------------------------------------------------ adapters
     @property
     def has_adapters(self) -> bool:

@@ -201,6 +201,11 @@ class GPTModel:
         return [{k: v.to(self.device) for k, v in with_scored_index(mb).items()} for mb in micro_batches]
 
     # -------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_formats(self) -> tuple[str, ...]:
+        """The checkpoint formats (exp_manager.checkpoint_callback_params.model_save_format) the engine writes."""
+        return self.engine.checkpoint_formats
+
     def save(self, path: str, *, asynchronous: bool = False, weights_format: str = "torch_dist") -> Future | None:
         """Weights and optimizer state (weights as DCP or HF safetensors); asynchronously, a future that
         completes when they are on disk."""
