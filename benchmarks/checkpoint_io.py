@@ -132,28 +132,43 @@ def phase_main(args: argparse.Namespace) -> None:
         one_step(model)
         out["step_s"] = one_step(model)
         root = os.path.join(args.workdir, "saves")
-        out["sync_save_s"] = timed(lambda: model.save(os.path.join(root, "sync")))
-        sync()
-        dist.barrier()
-        start = time.perf_counter()
-        pending = model.save(os.path.join(root, "async"), asynchronous=True)
-        out["async_save_stall_s"] = time.perf_counter() - start
-        out["step_during_async_write_s"] = one_step(model)
-        pending.result()
-        dist.barrier()
-        out["async_save_total_s"] = time.perf_counter() - start
-        out["safetensors_save_s"] = timed(lambda: model.save(os.path.join(root, "safetensors"), weights_format="safetensors"))
-        out["hf_export_s"] = timed(lambda: model.export_hf(os.path.join(root, "hf")))
-        out["checkpoint_gib"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "sync"))
-                                    for f in fs) / 2**30
+        saves = args.saves.split(",")
+
+        def done_with(name: str) -> None:  # one save on disk at a time: an 8B checkpoint is ~100 GB
+            if name == "sync":
+                out["checkpoint_gib"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, name))
+                                            for f in fs) / 2**30
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            dist.barrier()
+
+        if "sync" in saves:
+            out["sync_save_s"] = timed(lambda: model.save(os.path.join(root, "sync")))
+            done_with("sync")
+        if "async" in saves:
+            sync()
+            dist.barrier()
+            start = time.perf_counter()
+            pending = model.save(os.path.join(root, "async"), asynchronous=True)
+            out["async_save_stall_s"] = time.perf_counter() - start
+            out["step_during_async_write_s"] = one_step(model)
+            pending.result()
+            dist.barrier()
+            out["async_save_total_s"] = time.perf_counter() - start
+            done_with("async")
+        if "safetensors" in saves:
+            out["safetensors_save_s"] = timed(lambda: model.save(os.path.join(root, "safetensors"), weights_format="safetensors"))
+            done_with("safetensors")
+        if "export" in saves:
+            out["hf_export_s"] = timed(lambda: model.export_hf(os.path.join(root, "hf")))
+            done_with("hf")
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, {"baseline_rss_gib": baseline, "peak_rss_gib": peak_rss_gib()})
     out["host_memory_per_rank"] = per_rank
     if dist.get_rank() == 0:
         with open(os.path.join(args.workdir, f"{args.phase}.json"), "w") as f:
             json.dump(out, f, indent=2)
-        if args.phase == "save":
-            shutil.rmtree(os.path.join(args.workdir, "saves"), ignore_errors=True)
     dist.destroy_process_group()
 
 
@@ -163,6 +178,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="torchrun processes per phase")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--saves", default="sync,async,safetensors,export", help="save phase: which writes to time")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tokenizer", default="examples/tiny/model")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a phase may take")
