@@ -49,6 +49,9 @@ class MegatronEngine:
     pipeline, and its tensor-parallel slice), its DDP wrappers and the distributed optimizer; speaks only
     in batches and tensors."""
 
+    has_adapters = False  # model.peft.peft_scheme=lora is refused at build
+    checkpoint_formats = ("torch_dist",)  # dist_checkpointing, written synchronously
+
     def __init__(self, *, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, layout: MegatronLayout,
                  device: torch.device, restore_from_path: str | None, compute_dtype: torch.dtype, seed: int,
                  log_prob_chunk_size: int, compile_layers: bool) -> None:
@@ -91,9 +94,6 @@ class MegatronEngine:
         self._stash: dict[str, torch.Tensor] | None = None
         self._swapped = False
         self._offload = HostOffload(device)
-
-    has_adapters = False  # model.peft.peft_scheme=lora is refused at build
-    checkpoint_formats = ("torch_dist",)  # dist_checkpointing, written synchronously
 
     def adapters_disabled(self) -> contextlib.AbstractContextManager[None]:
         raise RuntimeError("the megatron engine has no adapters")

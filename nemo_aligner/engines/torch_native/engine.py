@@ -80,6 +80,8 @@ class ComputeOptions:
 class TorchNativeEngine:
     """Owns the parallel module, optimizer and scheduler; speaks only in batches and tensors."""
 
+    checkpoint_formats = checkpoint.CHECKPOINT_FORMATS
+
     def __init__(
         self,
         *,
@@ -160,8 +162,6 @@ class TorchNativeEngine:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())  # DTensor numel is the global size
-
-    checkpoint_formats = checkpoint.CHECKPOINT_FORMATS
 
     # ------------------------------------------------------------------ adapters
     @property
