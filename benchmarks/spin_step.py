@@ -8,8 +8,8 @@ Every prompt generates exactly --response-len tokens (min_length = max_length) w
 micro-batches of --micro-pairs. `--compare-eager` repeats it with the decode step run eagerly
 (model.torch_compile=false: no CUDA graph) in the same invocation. Median of --steps steps after --warmup
 steps, and the warm-up steps' own times: step 0 compiles the layers and captures the decode graph; step 1's
-optimizer-state offload pins new host buffers, since Adam's moments first exist after step 0's update
-(utils.offload.HostOffload keeps them from then on), which costs seconds on the 0.5B shape once per run.
+optimizer-state offload pins host buffers for Adam's moments, which first exist after step 0's update
+(utils.offload.HostOffload keeps every buffer from then on), which costs seconds on the 0.5B shape once per run.
 """
 
 from __future__ import annotations

@@ -8,12 +8,13 @@ import torch
 class HostOffload:
     """Moves tensors' contents into host buffers and frees their device storage; the tensors themselves
     stay (views and optimizer references keep working once restored). The host buffers are pinned
-    where CUDA exists and kept for the next offload of tensors of the same shapes: pinning gigabytes
-    anew every rollout costs seconds, an asynchronous copy into pinned memory runs at the link's speed."""
+    where CUDA exists and kept for the next offload, matched by shape and dtype: pinning gigabytes
+    anew every rollout costs seconds, an asynchronous copy into pinned memory runs at the link's speed.
+    A set that grows (Adam's moments appear after the first update) pins only what it adds."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []  # the last offload's, in its tensors' order
         self._moved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, its host copy) while offloaded
 
     @property
@@ -24,12 +25,24 @@ class HostOffload:
     def host_buffers(self) -> list[torch.Tensor]:
         return self._buffers
 
+    def _host_buffers_for(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A host buffer per tensor: the kept ones of the same shape and dtype first (in order), new ones for
+        the rest; kept buffers no tensor needs are released."""
+        kept: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        for buffer in self._buffers:
+            kept.setdefault((tuple(buffer.shape), buffer.dtype), []).append(buffer)
+        pin = self.device.type == "cuda"
+        out = []
+        for tensor in tensors:
+            same = kept.get((tuple(tensor.shape), tensor.dtype))
+            out.append(same.pop(0) if same else torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin))
+        return out
+
     @torch.no_grad()  # the tensors may be leaves that require grad (replicated masters): the copies are not autograd's
     def offload(self, tensors: list[torch.Tensor]) -> None:
         """Park `tensors` (those on this device with storage; each must own its whole storage)."""
         tensors = [t for t in tensors if t.device.type == self.device.type and t.untyped_storage().size() > 0]
-        if [(h.shape, h.dtype) for h in self._buffers] != [(t.shape, t.dtype) for t in tensors]:
-            self._buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device.type == "cuda") for t in tensors]
+        self._buffers = self._host_buffers_for(tensors)
         for tensor, host in zip(tensors, self._buffers):
             host.copy_(tensor.detach(), non_blocking=True)
         if self.device.type == "cuda":
