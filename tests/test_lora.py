@@ -76,6 +76,7 @@ def test_adapter_free_network_is_the_base_model_and_only_adapters_train(llama_di
     assert not torch.allclose(trained, probe(base))
     with model.engine.adapters_disabled():
         assert torch.equal(probe(model), probe(base))
+        assert set(model.engine.allocate_weights("host")) == set(grads)  # what trains does not change inside
     assert torch.equal(probe(model), trained)  # enabled again
 
 

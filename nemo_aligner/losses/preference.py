@@ -240,9 +240,8 @@ def discopop_loss(pairs: PreferencePairs, *, beta: float, discopop_tau: float) -
 @register_preference_loss("bco_pair")
 def bco_pair_loss(pairs: PreferencePairs, *, beta: float, bco_reward_mean: float) -> torch.Tensor:
     """BCO (Jung et al. 2024, arXiv 2404.04656, eq. 6, pairwise): a binary classifier of the rewards
-    r = βR around δ, the running mean of all rewards so far, −log σ(r_c − δ) − log σ(−(r_r − δ)).
-    δ is state the model keeps (reduced over data-parallel ranks, saved with checkpoints) and binds here
-    for each step."""
+    r = βR around δ, the running mean of all rewards of the earlier steps, −log σ(r_c − δ) − log σ(−(r_r − δ)).
+    δ is state (STATE_PARAMETERS) the model keeps and binds here for each step."""
     chosen, rejected = beta * pairs.chosen_logratios, beta * pairs.rejected_logratios
     return -F.logsigmoid(chosen - bco_reward_mean) - F.logsigmoid(-(rejected - bco_reward_mean))
 
@@ -280,8 +279,10 @@ def cpo_loss(pairs: PreferencePairs, *, beta: float, cpo_alpha: float) -> tuple[
     return -F.logsigmoid(beta * (pairs.chosen_logps - pairs.rejected_logps)) + cpo_alpha * nll, {"cpo_nll": nll.detach()}
 
 
-# Loss parameters that are training state, bound at every step by the model rather than from the config
-STATE_PARAMETERS = ("bco_reward_mean",)
+# Loss parameters that are training state rather than config: each is the running mean, over the training
+# steps so far, of a step metric (reduced over data-parallel ranks, so every rank and layout agrees); the
+# model keeps them, binds them at every step and checkpoints them. Parameter -> the metric it averages.
+STATE_PARAMETERS = {"bco_reward_mean": "rewards_all_mean"}
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,13 @@ def load_hf_weights(model: nn.Module, path: str) -> None:
 def load_full_state_dict(model: nn.Module, full_state_dict: dict[str, torch.Tensor]) -> None:
     """Fill `model` from rank 0's full weights under their Hugging Face names (the other ranks pass {}),
     broadcast piece by piece; every weight but the adapters must be there."""
-    names = [name for name in model.state_dict() if not is_adapter(name)]
+    keys = list(model.state_dict())
+    names = [name for name in keys if not is_adapter(name)]
     if dist.get_rank() == 0:
         missing = sorted(hf_name(name) for name in names if hf_name(name) not in full_state_dict)
         if missing:
             raise ValueError(f"the weights lack {missing[:3]} ({len(missing)} in all)")
     renamed = {name: full_state_dict[hf_name(name)] for name in names} if dist.get_rank() == 0 else {}
     set_model_state_dict(model, renamed, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                                  strict=len(names) == len(model.state_dict())))
+                                                                  strict=len(names) == len(keys)))
 

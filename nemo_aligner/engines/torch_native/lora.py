@@ -62,10 +62,6 @@ def lora_layers(module: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
-def has_adapters(module: nn.Module) -> bool:
-    return bool(lora_layers(module))
-
-
 def is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
@@ -93,15 +89,25 @@ def init_adapters(module: nn.Module, seed: int) -> None:
 @contextlib.contextmanager
 def adapters_disabled(module: nn.Module) -> Iterator[None]:
     """The base network inside the block (peft's enable_adapters(False) on every LoRA layer): exactly the
-    model the adapters started from."""
+    model the adapters started from. peft also switches the adapters' requires_grad off and on; that is
+    undone, so which parameters train (the engine's weight buffers, checkpoints) never depends on the block,
+    and compiled layers see no guard change but the flag."""
     layers = lora_layers(module).values()
+    trains = {param: param.requires_grad for layer in layers for param in layer.parameters()}
     for layer in layers:
         layer.enable_adapters(False)
+    _set_requires_grad(trains)
     try:
         yield
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+        _set_requires_grad(trains)
+
+
+def _set_requires_grad(trains: dict[nn.Parameter, bool]) -> None:
+    for param, requires_grad in trains.items():
+        param.requires_grad_(requires_grad)
 
 
 @contextlib.contextmanager

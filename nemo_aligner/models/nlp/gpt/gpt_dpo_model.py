@@ -17,7 +17,7 @@ from nemo_aligner.losses.dpo import dpo_loss_fn, finalize_dpo_metrics
 from dataclasses import asdict
 
 from nemo_aligner.config.schema import ReferenceStrategy
-from nemo_aligner.losses.preference import PreferenceTerm, build_preference_terms
+from nemo_aligner.losses.preference import STATE_PARAMETERS, PreferenceTerm, build_preference_terms
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.reference import ReferencePolicy, build_reference_policy, sum_over_scored
 from nemo_aligner.types import ROWS_PER_PAIR, Batch
@@ -48,7 +48,7 @@ class GPTDPOModel(GPTModel):
         if self.reference_free and cfg.dpo.reference.strategy is not ReferenceStrategy.auto:
             raise ValueError(f"model.dpo.reference.strategy={cfg.dpo.reference.strategy.value}: model.dpo.preference_loss="
                              f"{cfg.dpo.preference_loss} is reference-free and computes no reference; set it to auto")
-        # the losses' state (BCO's running mean of the rewards): {name: (value, rewards seen)}
+        # the losses' state parameters (STATE_PARAMETERS, e.g. BCO's δ): {name: (running mean, training steps)}
         self.loss_state = {name: (0.0, 0) for term in terms for name in term.state}
         super().__init__(cfg, pretrained, trainer)
         self.dpo = cfg.dpo
@@ -76,23 +76,17 @@ class GPTDPOModel(GPTModel):
         batch = self.on_device(batch)
         if not self.reference_free:
             batch["ref_logps"] = self.reference_logps(batch)
-        loss_fn = functools.partial(self.loss_fn, global_pairs=self.global_examples(batch),
-                                    loss_state={name: value for name, (value, _) in self.loss_state.items()})
+        state = {name: value for name, (value, _) in self.loss_state.items()}
+        loss_fn = functools.partial(self.loss_fn, global_pairs=self.global_examples(batch), loss_state=state)
         sums = self.forward_backward(batch, loss_fn, forward_only=forward_only)
-        metrics = finalize_dpo_metrics(sums)
-        if "bco_reward_mean" in self.loss_state:  # the δ this step's loss used
-            metrics["bco_reward_mean"] = self.loss_state["bco_reward_mean"][0]
-        if not forward_only and "bco_reward_mean" in self.loss_state:
-            # BCO's δ: the running mean of every reward β·R of the training steps so far (this step's mean is
-            # already reduced over data-parallel ranks, so every rank and layout keeps the same δ)
-            mean, seen = self.loss_state["bco_reward_mean"]
-            rewards = 2 * self.cfg.global_batch_size
-            self.loss_state["bco_reward_mean"] = ((mean * seen + metrics["rewards_all_mean"] * rewards) / (seen + rewards),
-                                                  seen + rewards)
+        metrics = {**finalize_dpo_metrics(sums), **state}  # reported with the values this step used
+        if not forward_only:  # each state parameter: the running mean of its metric over the training steps
+            for name, (mean, steps) in self.loss_state.items():
+                self.loss_state[name] = ((mean * steps + metrics[STATE_PARAMETERS[name]]) / (steps + 1), steps + 1)
         return metrics
 
     def state_dict(self) -> dict[str, object]:
-        """The engine's training state, and the losses' own (BCO's running reward mean)."""
+        """The engine's training state, and the losses' state parameters (BCO's running reward mean)."""
         return {**super().state_dict(), "loss_state": {name: list(value) for name, value in self.loss_state.items()}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
