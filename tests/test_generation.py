@@ -263,7 +263,7 @@ def test_compaction_changes_no_sampled_token_either(policy: GPTModel, monkeypatc
 def test_one_token_grouped_attention_equals_attention_over_repeated_key_value_heads(boolean_mask: bool) -> None:
     """A decode step's query heads folded onto their shared key/value head give what SDPA gives over key and
     value heads repeated per query head (transformers' repeat_kv), padding masked."""
-    from nemo_aligner.engines.torch_native.varlen_attention import grouped_one_token_attention
+    from nemo_aligner.engines.torch_native.decode_attention import grouped_one_token_attention
 
     gen = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(3, heads, length, 8, generator=gen) for heads, length in ((6, 1), (2, 10), (2, 10)))
@@ -277,21 +277,24 @@ def test_one_token_grouped_attention_equals_attention_over_repeated_key_value_he
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-6, atol=1e-6)
 
 
-def test_decoding_with_the_packing_attention_takes_the_grouped_path_and_gives_the_sdpa_tokens(llama_dir: str,
-                                                                                             monkeypatch) -> None:
-    """A model built with the torch_varlen implementation (what bf16 engines on CUDA use) decodes greedily
-    what the SDPA model decodes, its one-token steps through grouped_one_token_attention."""
-    from nemo_aligner.engines.torch_native import varlen_attention
+@pytest.mark.parametrize("implementation", ["sdpa_grouped_decode", "torch_varlen"])
+def test_decoding_takes_the_grouped_path_and_gives_the_sdpa_tokens(llama_dir: str, implementation: str,
+                                                                   monkeypatch) -> None:
+    """A model built with the default attention (sdpa_grouped_decode) or the packing one (torch_varlen, what
+    bf16 engines on CUDA use) decodes greedily what the SDPA model decodes, its one-token steps through
+    grouped_one_token_attention."""
+    from nemo_aligner.engines.torch_native import decode_attention, varlen_attention
 
+    decode_attention.register_grouped_decode_attention()
     varlen_attention.register_varlen_attention()
     calls = []
-    folded = varlen_attention.grouped_one_token_attention
-    monkeypatch.setattr(varlen_attention, "grouped_one_token_attention", lambda *a, **k: calls.append(1) or folded(*a, **k))
+    folded = decode_attention.grouped_one_token_attention
+    monkeypatch.setattr(decode_attention, "grouped_one_token_attention", lambda *a, **k: calls.append(1) or folded(*a, **k))
     models = {impl: AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation=impl)
-              for impl in ("sdpa", varlen_attention.VARLEN)}
+              for impl in ("sdpa", implementation)}
     ids, mask = _left_padded(0)
     run = lambda impl: generate(models[impl], ids, mask, sampling=SamplingParams(use_greedy=True),  # noqa: E731
                                 length=LengthParams(max_length=6), eos_token_id=99, pad_token_id=0, generator=None,
                                 dp_group=None)
-    assert torch.equal(run(varlen_attention.VARLEN).tokens, run("sdpa").tokens)
+    assert torch.equal(run(implementation).tokens, run("sdpa").tokens)
     assert len(calls) == 5 * models["sdpa"].config.num_hidden_layers  # every decode step after the prefill

@@ -155,7 +155,8 @@ def test_devices_must_match_the_launched_processes(llama_dir: str) -> None:
 def test_attention_implementation_is_a_config_choice_with_a_per_family_default(family_dir) -> None:
     defaults = {family: GPTModel(model_cfg(), pretrained(family_dir(family)), FP32).engine.module.config._attn_implementation
                 for family in ("llama", "gemma2")}
-    assert defaults == {"llama": "sdpa", "gemma2": "eager"}  # Gemma2's soft-capped attention has no SDPA path
+    # SDPA with grouped decode steps; Gemma2's soft-capped attention has no SDPA path
+    assert defaults == {"llama": "sdpa_grouped_decode", "gemma2": "eager"}
     eager = GPTModel(model_cfg(attn_implementation="eager"), pretrained(family_dir("llama")), FP32)
     assert eager.engine.module.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match=r"model_config.attn_implementation is not read; set model.attn_implementation=eager"):

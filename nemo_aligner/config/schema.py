@@ -194,7 +194,8 @@ class ModelConfig:
     seed: int = 1234
     log_prob_chunk_size: int = 1024  # tokens per fp32 log-softmax chunk (bounds [tokens x vocab] memory)
     # Attention kernel (transformers' attn_implementation: sdpa, eager, flash_attention_2, ...);
-    # null: sdpa where the model family supports it, eager otherwise (e.g. Gemma2).
+    # null: sdpa where the model family supports it (as sdpa_grouped_decode: decode steps read each cached
+    # key/value head once; torch_varlen for packed bf16 rows on CUDA), eager otherwise (e.g. Gemma2).
     attn_implementation: Optional[str] = None
     # torch.compile each decoder layer, and generation's decode step as a CUDA graph (replicated weights,
     # no tensor parallelism); null: on with CUDA, off on CPU

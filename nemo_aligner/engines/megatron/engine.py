@@ -117,6 +117,7 @@ class MegatronEngine:
                                  params_dtype=self.compute_dtype, use_distributed_optimizer=True, clip_grad=0.0)
         with cuda_placements_on_cpu():
             self.optimizer = get_megatron_optimizer(config, self.ddp)
+        weights_io.fuse_torch_adam(self.optimizer)
         self.optim_cfg, self.max_steps = cfg, max_steps
 
     def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn, *, forward_only: bool) -> dict[str, torch.Tensor]:

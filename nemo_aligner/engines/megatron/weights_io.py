@@ -114,6 +114,19 @@ def optimizer_tensors(optimizer: object) -> list[torch.Tensor]:
     return [t for t in tensors if t.untyped_storage().nbytes() == t.numel() * t.element_size()]
 
 
+def fuse_torch_adam(optimizer: object) -> None:
+    """Step megatron's torch AdamW with the fused kernel. megatron-core without TransformerEngine or apex
+    builds torch's AdamW with its defaults, the foreach kernels (one launch per op and tensor list: 9.8 ms
+    a step for the 0.5B shape on an H200, against 4.5 ms for the torch_native engine's fused AdamW). The
+    flag is read by every step, and the step counts then live on the parameters' device, as the fused
+    kernel needs (torch places those it creates or loads there itself)."""
+    if not USING_PYTORCH_OPTIMIZER:  # TransformerEngine's or apex's FusedAdam is fused already
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
+
+
 def initialise_adam_state(optimizer: object) -> None:
     """Give every main parameter without optimizer state zero moments and step 0, as a checkpoint load
     expects: megatron's distributed optimizer reads the (single) step of its torch Adam before it can
@@ -125,7 +138,8 @@ def initialise_adam_state(optimizer: object) -> None:
         for group in adam.param_groups:
             for param in group["params"]:
                 if not adam.state[param]:
-                    adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                    step = torch.zeros((), device=param.device) if group.get("fused") else torch.tensor(0.0)
+                    adam.state[param] = {"step": step, "exp_avg": torch.zeros_like(param),
                                          "exp_avg_sq": torch.zeros_like(param)}
 
 

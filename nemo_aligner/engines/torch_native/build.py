@@ -17,6 +17,7 @@ from torch import nn
 from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM, PretrainedConfig)
 
 from nemo_aligner.engines.hf_dir import random_init
+from nemo_aligner.engines.torch_native.decode_attention import GROUPED_DECODE, register_grouped_decode_attention
 from nemo_aligner.engines.torch_native.varlen_attention import VARLEN, register_varlen_attention
 
 logger = logging.getLogger(__name__)
@@ -24,17 +25,20 @@ logger = logging.getLogger(__name__)
 
 
 def attention_implementation(config: PretrainedConfig, requested: str | None, *, packed_on_cuda: bool) -> str:
-    """`model.attn_implementation` if set, else PyTorch's SDPA where the family supports it and eager
-    attention otherwise (e.g. Gemma2, whose soft-capped attention SDPA cannot compute); for packed rows
-    on CUDA in bf16, PyTorch's variable-length flash attention (varlen_attention.py) where SDPA would serve
-    (flash attention has no fp32 kernel: fp32 packed rows take SDPA with a document mask, as on CPU)."""
+    """`model.attn_implementation` if set, else PyTorch's SDPA where the family supports it, with decode
+    steps that read the KV cache once (decode_attention.py), and eager attention otherwise (e.g. Gemma2,
+    whose soft-capped attention SDPA cannot compute); for packed rows on CUDA in bf16, PyTorch's
+    variable-length flash attention (varlen_attention.py) where SDPA would serve (flash attention has no
+    fp32 kernel: fp32 packed rows take SDPA with a document mask, as on CPU)."""
     if requested == VARLEN and not packed_on_cuda:
         raise ValueError(f"model.attn_implementation={VARLEN} needs model.data.packing=true on CUDA in bf16")
     if requested is None:
         sdpa = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa
-        requested = (VARLEN if packed_on_cuda else "sdpa") if sdpa else "eager"
+        requested = (VARLEN if packed_on_cuda else GROUPED_DECODE) if sdpa else "eager"
     if requested == VARLEN:
         register_varlen_attention()
+    if requested == GROUPED_DECODE:
+        register_grouped_decode_attention()
     return requested
 
 

@@ -4,9 +4,8 @@ Registered with transformers as the attention implementation `torch_varlen`. A p
 (data/packing.py) passes the sequences' cumulative boundaries (`cu_seq_lens_q/k`, transformers' names
 for packed flash attention) and a bound on their length; attention then runs per sequence, its cost
 the sum of the sequences' squares, not the square of the packed row. A one-token query against a
-padded KV cache (a decode step) folds the query heads that share a key/value head into that head's
-query positions (grouped_one_token_attention); every other forward (unpacked training
-rows, prefill) takes transformers' SDPA path unchanged.
+padded KV cache (a decode step) and every other forward (unpacked training rows, prefill) take
+the `sdpa_grouped_decode` implementation's path (decode_attention.py).
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from nemo_aligner.engines.torch_native.decode_attention import grouped_decode_attention_forward
 
 VARLEN = "torch_varlen"
 
@@ -44,9 +44,8 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                              **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query [1, H, N, D], key and value [1, H_kv, N, D] of one packed row -> ([1, N, H, D], None)."""
     if cu_seq_lens_q is None:
-        if _foldable_one_token_query(query, key, attention_mask, dropout, kwargs):
-            return grouped_one_token_attention(query, key, value, attention_mask, scaling=scaling), None
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return grouped_decode_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                                scaling=scaling, **kwargs)
     if query.shape[0] != 1 or dropout:
         raise ValueError("varlen attention takes one packed row and no dropout")
     sliding_window = kwargs.get("sliding_window")
@@ -61,37 +60,6 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     out = _varlen_kernel()(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
                            window_size=window, **gqa)
     return out[None], None
-
-
-def _foldable_one_token_query(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                              dropout: float, kwargs: dict[str, Any]) -> bool:
-    """A decode step's attention that grouped_one_token_attention computes: one query position, key/value
-    heads shared by several query heads, one padding mask for every head, nothing else SDPA would add."""
-    return (query.shape[2] == 1 and query.shape[1] > key.shape[1] and attention_mask is not None
-            and attention_mask.shape[1] == 1 and not dropout and kwargs.get("softcap") is None)
-
-
-def grouped_one_token_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                attention_mask: torch.Tensor, *, scaling: float | None) -> torch.Tensor:
-    """query [B, H, 1, D] against key and value [B, H_kv, L, D] with mask [B, 1, 1, L] -> [B, 1, H, D].
-
-    The H / H_kv query heads that share a key/value head are that head's queries at one position (no
-    causality between them, one mask row for all), so each cached key and value is read once. The
-    attention is written out as transformers' eager implementation computes it (scores in the compute
-    dtype, softmax in fp32): two batched matmuls and a softmax that torch.compile fuses. Masked SDPA
-    would instead need transformers' repeat_kv (a copy of the cache per query head), and compiled it
-    lowers to cuDNN with a copy of its inputs in every layer of every step: 270 us per layer at 256
-    rows on an H200, three quarters of the decode step."""
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    folded = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h = kv * (H / H_kv) + g, as repeat_kv
-    scores = torch.matmul(folded, key.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    else:
-        scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).reshape(batch, 1, heads, dim)
 
 
 def _mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
