@@ -119,11 +119,12 @@ def test_lora_at_tensor_parallel_trains_saves_and_resumes_as_one_process(runs: d
 
 
 @pytest.mark.parametrize("layout", ["dpolora_dp2", "dpolora_tp2", "dpolora_fsdp_dp2", "spinlora_tp2", "dpobco_dp2",
-                                    "dpobco_tp2", "dposimpo_dp2", "dposimpo_tp2"])
+                                    "dpobco_tp2", "dposimpo_dp2", "dposimpo_tp2", "dpoaot_dp2", "dpoaot_tp2"])
 def test_lora_and_catalogue_losses_match_one_process(runs: dict, layout: str) -> None:
     """LoRA (peft) with the adapter-disabled DPO reference, and SPIN's copy of the adapters: replicated and
     FSDP data parallel, and tensor parallel with the adapters split as their base layers are; BCO, whose
-    running reward mean (reported as bco_reward_mean) is state, and reference-free SimPO."""
+    running reward mean (reported as bco_reward_mean) is state; reference-free SimPO; and AOT (aot +
+    aot_pair), which ranks every pair of the step: one pair per micro-batch at DP=2, two in one process."""
     one, two = runs["single"][layout.split("_")[0]], runs["parallel"][layout]
     assert [sorted(m) for m in one] == [sorted(m) for m in two]
     for name in one[0]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nemo_aligner.config.dpo import DPOLossConfig, PreferenceLossParams
-from nemo_aligner.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PreferencePairs, build_preference_terms,
-                                            combined_preference_loss, split_loss)
+from nemo_aligner.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, STEP_LEVEL, PreferencePairs,
+                                            build_preference_terms, combined_preference_loss, split_loss)
 
 BETA = 0.3
 PARAMS = dict(label_smoothing=0.1, exo_epsilon=1e-3, simpo_gamma=0.5, orpo_lambda=0.1, cpo_alpha=1.0, discopop_tau=0.05)
@@ -92,9 +92,10 @@ def values(name: str, pairs: PreferencePairs) -> torch.Tensor:
 
 
 ALL = sorted(PREFERENCE_LOSSES)
+PER_PAIR = sorted(set(PREFERENCE_LOSSES) - STEP_LEVEL)  # a pair's value depends on that pair alone
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PER_PAIR)
 def test_each_loss_equals_its_papers_formula(name: str) -> None:
     pairs = random_pairs()
     got = values(name, pairs)
@@ -115,7 +116,73 @@ def test_each_loss_gradient_equals_finite_differences(name: str) -> None:
         return values(name, pairs)
 
     inputs = tuple(getattr(base, f).clone().requires_grad_(True) for f in fields)
-    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5)
+    # a step-level loss's per-pair shares carry the gradient of their sum (each pair's partner is a constant)
+    of = (lambda *x: loss(*x).sum()) if name in STEP_LEVEL else loss
+    assert torch.autograd.gradcheck(of, inputs, eps=1e-6, atol=1e-5)
+
+
+def smoothed_logistic(x: float) -> float:
+    eps = PARAMS["label_smoothing"]
+    return -(1 - eps) * log_sigmoid(x) - eps * log_sigmoid(-x)
+
+
+@pytest.mark.parametrize("averaged", [False, True])
+def test_aot_losses_are_the_order_statistics_of_the_whole_step_whatever_its_micro_batches(averaged: bool) -> None:
+    """AOT over a step of 10 pairs, computed in micro-batches of 1, 3 and 10 pairs (each told the whole step):
+    the shares sum to the loss over the step's sorted values (transcribed with Python's sorted, from the
+    policy's and the reference's log-probs), and their gradients to the gradient of that loss written
+    directly with torch.sort over the whole step."""
+    gen = torch.Generator().manual_seed(4)
+    n = 10
+    lengths = {side: torch.randint(1, 30, (n,), generator=gen).double() for side in "cr"}
+    policy = {side: (-lengths[side] * (0.2 + 2 * torch.rand(n, generator=gen, dtype=torch.float64))).requires_grad_(True)
+              for side in "cr"}
+    reference = {side: -lengths[side] * (0.2 + 2 * torch.rand(n, generator=gen, dtype=torch.float64)) for side in "cr"}
+    scale = {side: lengths[side] if averaged else torch.ones(n, dtype=torch.float64) for side in "cr"}
+
+    def pairs_of(rows: slice | None, step: PreferencePairs | None = None) -> PreferencePairs:
+        rows = rows or slice(None)
+        ratio = {side: ((policy[side] - reference[side]) / scale[side])[rows] for side in "cr"}
+        index = torch.arange(n)[rows]
+        return PreferencePairs(ratio["c"], ratio["r"], policy["c"][rows], policy["r"][rows], lengths["c"][rows],
+                               lengths["r"][rows], torch.zeros(len(index), dtype=torch.float64), averaged=averaged,
+                               step=step, step_index=None if step is None else index)
+
+    step = PreferencePairs(**{f: getattr(pairs_of(None), f).detach() for f in (
+        "chosen_logratios", "rejected_logratios", "chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths",
+        "gt_margin")}, averaged=averaged)
+    per_token = {side: (policy[side] / scale[side]).detach().tolist() for side in "cr"}
+    ref_per_token = {side: (reference[side] / scale[side]).tolist() for side in "cr"}
+    ratios = {side: [p - q for p, q in zip(per_token[side], ref_per_token[side])] for side in "cr"}
+    margins = sorted(a - b for a, b in zip(per_token["c"], per_token["r"]))
+    ref_margins = sorted(a - b for a, b in zip(ref_per_token["c"], ref_per_token["r"]))
+    expected = {
+        "aot": sum(smoothed_logistic(BETA * (m - q)) for m, q in zip(margins, ref_margins)),
+        "aot_pair": sum(smoothed_logistic(BETA * (c - r)) for c, r in zip(sorted(ratios["c"]), sorted(ratios["r"]))),
+    }
+    live = pairs_of(None)
+    direct = {
+        "aot": (live.policy_margin.sort().values - (live.policy_margin - live.margin).detach().sort().values),
+        "aot_pair": live.chosen_logratios.sort().values - live.rejected_logratios.sort().values,
+    }
+    for name in ("aot", "aot_pair"):
+        x = BETA * direct[name]
+        eps = PARAMS["label_smoothing"]
+        gradient = torch.autograd.grad((-(1 - eps) * torch.nn.functional.logsigmoid(x)
+                                        - eps * torch.nn.functional.logsigmoid(-x)).sum(), (policy["c"], policy["r"]))
+        for size in (1, 3, n):
+            shares = [values(name, pairs_of(slice(i, i + size), step)) for i in range(0, n, size)]
+            total = torch.cat(shares).sum()
+            assert total.item() == pytest.approx(expected[name], rel=1e-12)
+            got = torch.autograd.grad(total, (policy["c"], policy["r"]))
+            for a, b in zip(got, gradient):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_aot_losses_of_a_one_pair_step_are_dpo() -> None:
+    single = random_pairs(n=1, seed=2)
+    for name in ("aot", "aot_pair"):
+        torch.testing.assert_close(values(name, single), values("dpo", single))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -180,12 +247,12 @@ def test_combinations_are_validated_at_start_up() -> None:
 
 
 # ------------------------------------------------------------------------------------- through the model
-def dpo_policy(model_dir: str, data: str, loss: object, **dpo: object):  # noqa: ANN201
+def dpo_policy(model_dir: str, data: str, loss: object, micro_batch_size: int = 2, **dpo: object):  # noqa: ANN201
     from helpers import FP32, pretrained
     from nemo_aligner.config.dpo import DataPrefix, DPOModelConfig, PreferenceDataConfig
     from nemo_aligner.models.nlp.gpt.gpt_dpo_model import GPTDPOModel
 
-    cfg = DPOModelConfig(micro_batch_size=2, global_batch_size=4, seed=7, encoder_seq_length=32,
+    cfg = DPOModelConfig(micro_batch_size=micro_batch_size, global_batch_size=4, seed=7, encoder_seq_length=32,
                          dpo=DPOLossConfig(preference_loss=loss, **dpo),
                          data=PreferenceDataConfig(data_prefix=DataPrefix(train=data, validation=data)))
     policy = GPTDPOModel(cfg, pretrained(model_dir), FP32)
@@ -197,7 +264,8 @@ def batches(policy, data: str, n: int) -> list[dict]:  # noqa: ANN001
     from helpers import loader_args
     from nemo_aligner.data.builders import build_preference_loader
 
-    loader = build_preference_loader(data, shuffle=False, micro_batch_size=2, **loader_args(policy, policy.cfg))
+    loader = build_preference_loader(data, shuffle=False, micro_batch_size=policy.cfg.micro_batch_size,
+                                     **loader_args(policy, policy.cfg))
     return [loader.next_batch()[0] for _ in range(n)]
 
 
@@ -232,6 +300,27 @@ def test_reference_free_losses_never_compute_a_reference(loss: object, llama_dir
         from nemo_aligner.config.schema import ReferenceConfig, ReferenceStrategy
 
         dpo_policy(llama_dir, data, loss, reference=ReferenceConfig(strategy=ReferenceStrategy.swap))
+
+
+def test_aot_trains_alike_whatever_the_micro_batches_and_scores_the_step_first(llama_dir: str, tmp_path) -> None:
+    """A step of 4 pairs in micro-batches of 1 and of 4 gives the same losses and metrics, since every
+    micro-batch ranks its pairs among the whole step's, which the model scores without gradients first."""
+    from helpers import write_pairs
+    from nemo_aligner.config.schema import ReferenceConfig, ReferenceStrategy
+
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), 8)
+    runs = {}
+    for size in (1, 4):
+        policy = dpo_policy(llama_dir, data, ["aot", "aot_pair"], micro_batch_size=size,
+                            reference=ReferenceConfig(strategy=ReferenceStrategy.swap))
+        scored = []
+        original = policy.step_pairs
+        policy.step_pairs = lambda batch: scored.append(1) or original(batch)
+        runs[size] = steps(policy, data, 2)
+        assert scored == [1, 1]
+    assert sorted(runs[1][0]) == sorted(runs[4][0]) and {"aot_loss", "aot_pair_loss"} <= set(runs[1][0])
+    for one, four in zip(runs[1], runs[4]):
+        assert one == pytest.approx(four, rel=1e-5, abs=1e-6)
 
 
 def test_bco_reward_mean_is_the_running_mean_of_the_rewards_and_resumes(llama_dir: str, tmp_path) -> None:

@@ -28,7 +28,7 @@ DPO_VALIDATION_METRICS = ("loss", "preference_loss", "sft_loss", "acc", "rewards
 class PreferenceLossParams:
     """model.dpo.loss_params: the losses' own hyper-parameters; each loss reads the ones it names (README's table)."""
 
-    label_smoothing: float = 0.0  # ε, the chance a label is flipped: dpo (ε > 0: conservative DPO) and robust
+    label_smoothing: float = 0.0  # ε, the chance a label is flipped: dpo (ε > 0: conservative DPO), robust, aot, aot_pair
     exo_epsilon: float = 1.0e-3  # exo_pair: the smoothing of its target distribution
     simpo_gamma: float = 0.5  # simpo: the target reward margin γ
     orpo_lambda: float = 0.1  # orpo: the odds-ratio term's weight λ

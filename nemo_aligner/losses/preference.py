@@ -6,7 +6,10 @@ the data's reward margin), the coefficient β (`ref_policy_kl_penalty`) and its 
 hyper-parameters (named as the fields of `model.dpo.loss_params`, which are bound by name), and
 returns the per-pair loss [P], or (loss [P], {metric name: [P]}) when the loss has quantities of its
 own to report; the caller normalises by the global pair count. A loss registered `reference_free`
-never reads the log-ratios: with only such losses no reference is computed at all.
+never reads the log-ratios: with only such losses no reference is computed at all. A loss registered
+`step_level` (AOT) ranks every pair of the optimizer step: the model then scores the step's pairs once
+without gradients first and hands them over (PreferencePairs.step), so that each pair's share and its
+gradient do not depend on which micro-batch or rank it lands on.
 Notation: R = Σ_t m_t (log π_θ − log π_ref) over response tokens (÷ Σ_t m_t when log-probs are
 averaged), Δ = R_chosen − R_rejected, g = gt_reward_scale · (r_chosen − r_rejected),
 ā = Σ_t m_t log π_θ / Σ_t m_t (the policy's per-token mean), σ the logistic function.
@@ -36,6 +39,10 @@ class PreferencePairs:
         chosen_logps, rejected_logps: Σ_t m_t log π_θ of each side (policy only, always a sum).
         chosen_lengths, rejected_lengths: Σ_t m_t, the response tokens of each side.
         gt_margin: g, the data's scaled reward margin.
+        averaged: whether R is a per-token mean (preference_average_log_probs).
+        step, step_index: for the step-level losses (STEP_LEVEL), every pair of the optimizer step (all
+            micro-batches and data-parallel ranks; no gradients) and each of these pairs' index in it;
+            None: these pairs are the whole step.
     """
 
     chosen_logratios: torch.Tensor
@@ -45,6 +52,9 @@ class PreferencePairs:
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
     gt_margin: torch.Tensor
+    averaged: bool = False
+    step: "PreferencePairs | None" = None
+    step_index: torch.Tensor | None = None
 
     @property
     def margin(self) -> torch.Tensor:
@@ -60,32 +70,64 @@ class PreferencePairs:
     def rejected_avg_logps(self) -> torch.Tensor:
         return self.rejected_logps / self.rejected_lengths.clamp(min=1.0)
 
+    @property
+    def policy_margin(self) -> torch.Tensor:
+        """log π_θ(y_c) − log π_θ(y_r) on R's scale: sums, or per-token means where R is averaged."""
+        if self.averaged:
+            return self.chosen_avg_logps - self.rejected_avg_logps
+        return self.chosen_logps - self.rejected_logps
+
+    def within_step(self) -> tuple["PreferencePairs", torch.Tensor]:
+        """(every pair of the step, these pairs' indices in it); these pairs alone where no step was given."""
+        if self.step is None or self.step_index is None:
+            detached = {f: getattr(self, f).detach() for f in PAIR_TENSORS}
+            return PreferencePairs(**detached, averaged=self.averaged), torch.arange(len(self.gt_margin), device=self.gt_margin.device)
+        return self.step, self.step_index
+
+
+# PreferencePairs' per-pair tensors
+PAIR_TENSORS = ("chosen_logratios", "rejected_logratios", "chosen_logps", "rejected_logps", "chosen_lengths",
+                "rejected_lengths", "gt_margin")
+
 
 def preference_pairs(logprobs: torch.Tensor, mask: torch.Tensor, *, ref_logps: torch.Tensor | None,
-                     average_log_probs: bool, gt_margin: torch.Tensor) -> PreferencePairs:
+                     average_log_probs: bool, gt_margin: torch.Tensor, step: PreferencePairs | None = None,
+                     step_index: torch.Tensor | None = None) -> PreferencePairs:
     """The per-pair quantities of pair-layout rows (see nemo_aligner/types.py).
 
     logprobs, mask: [2P, T-1] policy log-probs and scored positions; ref_logps: [2P] the reference's
     Σ_t m_t log π_ref per row (how every reference strategy delivers it), or None when only
-    reference-free losses run (R is then the policy's own log-prob); gt_margin: [P].
+    reference-free losses run (R is then the policy's own log-prob); gt_margin: [P]; step, step_index:
+    see PreferencePairs.
     """
-    logps, lengths = (logprobs * mask).sum(dim=-1), mask.sum(dim=-1)
+    return pairs_from_row_sums((logprobs * mask).sum(dim=-1), mask.sum(dim=-1), ref_logps=ref_logps,
+                               average_log_probs=average_log_probs, gt_margin=gt_margin, step=step,
+                               step_index=step_index)
+
+
+def pairs_from_row_sums(logps: torch.Tensor, lengths: torch.Tensor, *, ref_logps: torch.Tensor | None,
+                        average_log_probs: bool, gt_margin: torch.Tensor, step: PreferencePairs | None = None,
+                        step_index: torch.Tensor | None = None) -> PreferencePairs:
+    """preference_pairs from each row's Σ_t m_t log π_θ and Σ_t m_t ([2P] each)."""
     ratios = logps if ref_logps is None else logps - ref_logps.to(logps.dtype)
     if average_log_probs:
         ratios = ratios / lengths.clamp(min=1.0)
     return PreferencePairs(chosen_logratios=chosen_rows(ratios), rejected_logratios=rejected_rows(ratios),
                            chosen_logps=chosen_rows(logps), rejected_logps=rejected_rows(logps),
                            chosen_lengths=chosen_rows(lengths), rejected_lengths=rejected_rows(lengths),
-                           gt_margin=gt_margin)
+                           gt_margin=gt_margin, averaged=average_log_probs, step=step, step_index=step_index)
 
 
 PreferenceLoss = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
 REFERENCE_FREE: set[str] = set()  # losses that never read the reference
+STEP_LEVEL: set[str] = set()  # losses whose per-pair value depends on the other pairs of the optimizer step
 
 
-def register_preference_loss(name: str, *, reference_free: bool = False) -> Callable[[PreferenceLoss], PreferenceLoss]:
-    """Add a loss to PREFERENCE_LOSSES under `name`; a name can be registered once."""
+def register_preference_loss(name: str, *, reference_free: bool = False,
+                             step_level: bool = False) -> Callable[[PreferenceLoss], PreferenceLoss]:
+    """Add a loss to PREFERENCE_LOSSES under `name`; a name can be registered once. A `step_level` loss
+    reads `pairs.within_step()`, which the model fills with every pair of the step (PreferencePairs)."""
 
     def add(fn: PreferenceLoss) -> PreferenceLoss:
         if name in PREFERENCE_LOSSES:
@@ -93,6 +135,8 @@ def register_preference_loss(name: str, *, reference_free: bool = False) -> Call
         PREFERENCE_LOSSES[name] = fn
         if reference_free:
             REFERENCE_FREE.add(name)
+        if step_level:
+            STEP_LEVEL.add(name)
         return fn
 
     return add
@@ -135,7 +179,12 @@ def dpo_loss(pairs: PreferencePairs, *, beta: float, label_smoothing: float = 0.
     """DPO, −log σ(βΔ) (Rafailov et al. 2023, arXiv 2305.18290, eq. 7); with label smoothing ε > 0,
     conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy preferences"): the label is right
     with probability 1 − ε, −(1 − ε) log σ(βΔ) − ε log σ(−βΔ)."""
-    return -(1 - label_smoothing) * F.logsigmoid(beta * pairs.margin) - label_smoothing * F.logsigmoid(-beta * pairs.margin)
+    return _smoothed_logistic(beta * pairs.margin, label_smoothing)
+
+
+def _smoothed_logistic(x: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """−(1 − ε) log σ(x) − ε log σ(−x): the logistic loss of x with the label flipped with chance ε."""
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
 
 
 @register_preference_loss("ipo")
@@ -279,6 +328,50 @@ def cpo_loss(pairs: PreferencePairs, *, beta: float, cpo_alpha: float) -> tuple[
     return -F.logsigmoid(beta * (pairs.chosen_logps - pairs.rejected_logps)) + cpo_alpha * nll, {"cpo_nll": nll.detach()}
 
 
+def _partner_at_rank(values: torch.Tensor, partners: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """For the step's `values` and `partners` ([N] each): the partner matched with each `index`ed value when
+    both are sorted, i.e. sort(partners)[rank of values[index] among values] (ties in a fixed order)."""
+    ranks = torch.empty(values.shape, dtype=torch.long, device=values.device)
+    ranks[values.argsort(stable=True)] = torch.arange(len(values), device=values.device)
+    return partners.sort(stable=True).values[ranks[index]]
+
+
+def _matched_order_statistics(first: torch.Tensor, second: torch.Tensor, step_first: torch.Tensor,
+                              step_second: torch.Tensor, index: torch.Tensor, *, beta: float,
+                              label_smoothing: float) -> torch.Tensor:
+    """Each pair's share of Σ_i ℓ(β(a_(i) − b_(i))), the (ε-smoothed logistic) loss of the step's sorted a
+    against its sorted b (`step_first`, `step_second`): ℓ(β(a_j − b at a_j's rank)), which sums to the loss
+    over the step, plus b_j's own term ℓ(β(a at b_j's rank − b_j)) with its value taken back out, so that
+    the shares also carry the loss's exact gradient, whichever micro-batch and rank pair j is on."""
+    second_at_rank = _partner_at_rank(step_first, step_second, index)
+    first_at_rank = _partner_at_rank(step_second, step_first, index)
+    first_side = _smoothed_logistic(beta * (first - second_at_rank), label_smoothing)
+    second_side = _smoothed_logistic(beta * (first_at_rank - second), label_smoothing)
+    return first_side + (second_side - second_side.detach())
+
+
+@register_preference_loss("aot", step_level=True)
+def aot_loss(pairs: PreferencePairs, *, beta: float, label_smoothing: float) -> torch.Tensor:
+    """AOT, paired (Melnyk et al. 2024, arXiv 2406.05882, with the logistic loss): the distribution of the
+    policy's margins m = log π_θ(y_c) − log π_θ(y_r) should dominate the reference's, m_ref = m − Δ, in the
+    first order, which on a sample is a match of order statistics: Σ_i ℓ(β(m_(i) − m_ref,(i))) over the
+    sorted margins of every pair of the optimizer step, ℓ dpo's (ε-smoothed) logistic loss. With one pair
+    per step it is dpo."""
+    step, index = pairs.within_step()
+    return _matched_order_statistics(pairs.policy_margin, pairs.policy_margin - pairs.margin, step.policy_margin,
+                                     step.policy_margin - step.margin, index, beta=beta, label_smoothing=label_smoothing)
+
+
+@register_preference_loss("aot_pair", step_level=True)
+def aot_pair_loss(pairs: PreferencePairs, *, beta: float, label_smoothing: float) -> torch.Tensor:
+    """AOT, unpaired (arXiv 2406.05882): the distribution of the chosen log-ratios R_c should dominate that
+    of the rejected R_r, whichever pair each came from: Σ_i ℓ(β(R_c,(i) − R_r,(i))) over the sorted R of
+    every pair of the step. With one pair per step it is dpo."""
+    step, index = pairs.within_step()
+    return _matched_order_statistics(pairs.chosen_logratios, pairs.rejected_logratios, step.chosen_logratios,
+                                     step.rejected_logratios, index, beta=beta, label_smoothing=label_smoothing)
+
+
 # Loss parameters that are training state rather than config: each is the running mean, over the training
 # steps so far, of a step metric (reduced over data-parallel ranks, so every rank and layout agrees); the
 # model keeps them, binds them at every step and checkpoints them. Parameter -> the metric it averages.
@@ -297,6 +390,10 @@ class PreferenceTerm:
     @property
     def reference_free(self) -> bool:
         return self.name in REFERENCE_FREE
+
+    @property
+    def step_level(self) -> bool:
+        return self.name in STEP_LEVEL
 
 
 def build_preference_terms(names: list[str], weights: list[float], params: Mapping[str, Any], *,

@@ -80,9 +80,12 @@ def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids * attention, "attention_mask": attention, "loss_mask": loss_mask}
 
 
+AOT_LOSSES = ["aot", "aot_pair"]  # the step-level losses, as one weighted combination
+
+
 def dpo_steps(model_dir: str, data: str, tp: int, precision: Precision, steps: int = 2,
               reference: ReferenceStrategy = ReferenceStrategy.swap, packing: bool = False,
-              loss: str = "rpo_bwd_kl", engine: str = "torch_native", pp: int = 1,
+              loss: str | list[str] = "rpo_bwd_kl", engine: str = "torch_native", pp: int = 1,
               sequence_parallel: bool = False, vp: int | None = None, lora: bool = False,
               sharding: str = "auto", micro_batch: int = 2, global_batch: int = 4) -> list[dict[str, float]]:
     """Metrics of `steps` DPO steps (`loss` + SFT term) on the pairs in `data`, with the reference
@@ -215,7 +218,8 @@ def phase_single(model_dir: str, qwen2_dir: str, work: str, precision: Precision
                  "spinlora": spin_steps(model_dir, f"{work}/sft.jsonl", 1, precision, lora=True),
                  "dpobco": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, loss="bco_pair", steps=3),
                  "dposimpo": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, loss="simpo",
-                                       reference=ReferenceStrategy.auto)}
+                                       reference=ReferenceStrategy.auto),
+                 "dpoaot": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, loss=AOT_LOSSES)}
     out["bf16_steps"] = run_steps(build(model_dir, tp=1, precision=Precision.bf16), 0, STEPS)
     model = build(model_dir, tp=1, precision=precision)
     out["logprobs_init"] = probe_logprobs(model)
@@ -253,7 +257,10 @@ def phase_parallel(model_dir: str, qwen2_dir: str, work: str, precision: Precisi
                  **{f"dpobco_{name}": dpo_steps(model_dir, f"{work}/pairs.jsonl", tp, precision, loss="bco_pair", steps=3)
                     for name, tp in (("dp2", 1), ("tp2", 2))},
                  **{f"dposimpo_{name}": dpo_steps(model_dir, f"{work}/pairs.jsonl", tp, precision, loss="simpo",
-                                                  reference=ReferenceStrategy.auto) for name, tp in (("dp2", 1), ("tp2", 2))}}
+                                                  reference=ReferenceStrategy.auto) for name, tp in (("dp2", 1), ("tp2", 2))},
+                 # AOT ranks every pair of the step: one pair per micro-batch here, two in one process
+                 "dpoaot_dp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 1, precision, loss=AOT_LOSSES, micro_batch=1),
+                 "dpoaot_tp2": dpo_steps(model_dir, f"{work}/pairs.jsonl", 2, precision, loss=AOT_LOSSES)}
     dp2 = build(model_dir, tp=1, precision=precision)
     out["dp2_steps"] = run_steps(dp2, 0, STEPS)
     dp2 = build(model_dir, tp=1, precision=precision)

@@ -13,11 +13,12 @@ import torch
 
 from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig
 from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
-from nemo_aligner.losses.dpo import dpo_loss_fn, finalize_dpo_metrics
 from dataclasses import asdict
 
+from nemo_aligner.losses.dpo import dpo_loss_fn, dpo_step_pairs, finalize_dpo_metrics
+
 from nemo_aligner.config.schema import ReferenceStrategy
-from nemo_aligner.losses.preference import STATE_PARAMETERS, PreferenceTerm, build_preference_terms
+from nemo_aligner.losses.preference import PAIR_TENSORS, STATE_PARAMETERS, PreferencePairs, PreferenceTerm, build_preference_terms
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.reference import ReferencePolicy, build_reference_policy, sum_over_scored
 from nemo_aligner.types import ROWS_PER_PAIR, Batch
@@ -45,6 +46,7 @@ class GPTDPOModel(GPTModel):
         self.loss_fn = build_dpo_loss_fn(cfg.dpo)  # checks the loss name before anything is built
         terms: list[PreferenceTerm] = self.loss_fn.keywords["preference_terms"]
         self.reference_free = all(term.reference_free for term in terms)
+        self.step_level = any(term.step_level for term in terms)  # AOT: the step's pairs are scored first
         if self.reference_free and cfg.dpo.reference.strategy is not ReferenceStrategy.auto:
             raise ValueError(f"model.dpo.reference.strategy={cfg.dpo.reference.strategy.value}: model.dpo.preference_loss="
                              f"{cfg.dpo.preference_loss} is reference-free and computes no reference; set it to auto")
@@ -77,13 +79,28 @@ class GPTDPOModel(GPTModel):
         if not self.reference_free:
             batch["ref_logps"] = self.reference_logps(batch)
         state = {name: value for name, (value, _) in self.loss_state.items()}
-        loss_fn = functools.partial(self.loss_fn, global_pairs=self.global_examples(batch), loss_state=state)
+        step_pairs = None
+        if self.step_level:
+            step_pairs, batch["pair_index"] = self.step_pairs(batch)
+        loss_fn = functools.partial(self.loss_fn, global_pairs=self.global_examples(batch), loss_state=state,
+                                    step_pairs=step_pairs)
         sums = self.forward_backward(batch, loss_fn, forward_only=forward_only)
         metrics = {**finalize_dpo_metrics(sums), **state}  # reported with the values this step used
         if not forward_only:  # each state parameter: the running mean of its metric over the training steps
             for name, (mean, steps) in self.loss_state.items():
                 self.loss_state[name] = ((mean * steps + metrics[STATE_PARAMETERS[name]]) / (steps + 1), steps + 1)
         return metrics
+
+    def step_pairs(self, batch: Batch) -> tuple[PreferencePairs, torch.Tensor]:
+        """Every pair of this optimizer step, on every data-parallel rank, under the current weights and
+        without gradients (one extra forward of the policy), in rank order; and each row's pair index in
+        it [2P]. The step-level losses (AOT) rank the pairs by these."""
+        pairs = dpo_step_pairs(self.sequence_logps(batch), batch, average_log_probs=self.dpo.preference_average_log_probs,
+                               gt_reward_scale=self.dpo.gt_reward_scale)
+        local = len(pairs.gt_margin)
+        gathered = {f: self.gather_data_parallel(getattr(pairs, f)) for f in PAIR_TENSORS}
+        index = torch.arange(local).repeat_interleave(ROWS_PER_PAIR) + self.data_parallel.rank * local
+        return PreferencePairs(**gathered, averaged=pairs.averaged), index.to(batch["input_ids"].device)
 
     def state_dict(self) -> dict[str, object]:
         """The engine's training state, and the losses' state parameters (BCO's running reward mean)."""

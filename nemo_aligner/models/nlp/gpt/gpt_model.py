@@ -151,6 +151,13 @@ class GPTModel:
         """Max over data-parallel ranks (min: -global_max(-x))."""
         return self.engine.reduce_data_parallel(value, "max")
 
+    def gather_data_parallel(self, values: torch.Tensor) -> torch.Tensor:
+        """Every data-parallel rank's `values` (the same length on every rank), concatenated in rank order."""
+        dp = self.data_parallel
+        slots = values.new_zeros(dp.size, *values.shape)
+        slots[dp.rank] = values
+        return self.global_sum(slots).flatten(0, 1)
+
     def global_examples(self, batch: Batch) -> torch.Tensor:
         """The number of examples in `batch` summed over data-parallel ranks (a loss's normaliser)."""
         rows = next(iter(batch.values())).shape[0]
