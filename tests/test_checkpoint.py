@@ -57,6 +57,28 @@ def test_resume_gives_the_same_losses_and_rng(llama_dir: str, tmp_path, precisio
     assert _steps(resumed, 2, 5) == uninterrupted
 
 
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_consecutive_asynchronous_saves_reuse_their_host_buffers_and_each_holds_its_step(llama_dir: str, tmp_path,
+                                                                                         sharding: str) -> None:
+    """Two asynchronous saves with training between them, the second started at once: it waits for the first
+    write before staging into the same host buffers, and each checkpoint resumes to its own step's losses."""
+    model = _policy(llama_dir, sharding=sharding)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    _steps(model, 0, 1)
+    writes = [model.save(first, asynchronous=True)]
+    stager = model.engine._checkpoint_stager
+    after_first = _steps(model, 1, 3)
+    writes.append(model.save(second, asynchronous=True))
+    assert model.engine._checkpoint_stager is stager and writes[0].done()
+    after_second = _steps(model, 3, 5)
+    writes[1].result()
+    for path, start, expected in ((first, 1, after_first), (second, 3, after_second)):
+        resumed = _policy(llama_dir, sharding=sharding)
+        resumed.load(path)
+        resumed.engine.scheduler.last_epoch = start  # the LR schedule's position (the trainer state's job)
+        assert _steps(resumed, start, start + 2) == expected
+
+
 def test_interrupted_save_leaves_previous_checkpoint_latest(llama_dir: str, tmp_path, monkeypatch) -> None:
     model = _policy(llama_dir)
     manager = _manager(tmp_path)

@@ -140,7 +140,7 @@ def test_entry_script_rejects_bad_data_and_an_unknown_loss_before_writing(llama_
     cmd = [*cmd[:3], "model.dpo.preference_loss=kto", *cmd[4:]]  # good data, unknown loss name
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
-    assert "model.dpo.preference_loss='kto' is invalid: it must be one of ['apo_down'" in proc.stderr, proc.stderr[-2000:]
+    assert "model.dpo.preference_loss='kto' is invalid: it must be one of ['aot', 'aot_pair', 'apo_down'" in proc.stderr, proc.stderr[-2000:]
     assert not log_dir.exists()
 
 

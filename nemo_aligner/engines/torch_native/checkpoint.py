@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,6 +37,16 @@ WEIGHTS_DIR, OPTIM_DIR = "weights", "optim"
 # the HF directory the run starts from). DCP's load has filled every tensor asked for before these are set,
 # so strict=False only lets the frozen weights stay as they are.
 TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def host_stager(device: torch.device) -> DefaultStager:
+    """Where an asynchronous save copies its state before training goes on: host buffers kept from one save
+    to the next (DCP caches them by the source tensors), pinned on CUDA so that the copies run at the
+    link's speed. DCP's default stages into pageable memory allocated anew at every save: 3.6 s of stall
+    for the 0.5B shape's 6 GiB of weights and optimizer state on an H200, about 1.7 GB/s."""
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=cuda))
 
 
 def write_state(state: dict[str, object], path: str, *, weights_format: str) -> None:

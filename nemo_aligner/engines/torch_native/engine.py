@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -139,6 +140,8 @@ class TorchNativeEngine:
         self._offload = HostOffload(device)  # optimizer state parked on the host while generating
         self._stashes: dict[str, dict[str, torch.Tensor]] = {}  # training weights set aside, by place
         self._checkpoint_group: dist.ProcessGroup | None = None  # asynchronous saves' own (made at the first)
+        self._checkpoint_stager: DefaultStager | None = None  # their host buffers (made at the first)
+        self._async_write: Future | None = None  # the last asynchronous save's write
         self._swapped = False
         self._host_copy_stream: torch.cuda.Stream | None = None
         self._decoder: Decoder | None = None  # made at the first generate call; keeps its KV cache for the next
@@ -340,7 +343,8 @@ class TorchNativeEngine:
         """Weights and optimizer state, in `weights_format` (checkpoint.CHECKPOINT_FORMATS). Asynchronously
         (torch_dist): staged in host memory before this returns (training may change them then), written
         by a background thread, coordinated over a process group of its own so that training's
-        collectives never interleave with it; safetensors checkpoints are written synchronously."""
+        collectives never interleave with it; safetensors checkpoints are written synchronously. The host
+        buffers are reused by the next asynchronous save, which first waits for this one's write."""
         if self.optimizer is None:
             raise RuntimeError("setup_optimizer() must be called before save()")
         state = (checkpoint.replicated_state(self.module, self.replicated, self.optimizer) if self.replicated
@@ -350,7 +354,12 @@ class TorchNativeEngine:
             return None
         if self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")
-        return dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group)
+            self._checkpoint_stager = checkpoint.host_stager(self.device)
+        if self._async_write is not None:
+            self._async_write.result()  # its staged tensors are about to be overwritten
+        self._async_write = dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group,
+                                           async_stager=self._checkpoint_stager)
+        return self._async_write
 
     def load(self, path: str, *, with_optimizer: bool) -> None:
         optimizer = self.optimizer if with_optimizer else None
