@@ -9,10 +9,12 @@ from the kernel's maxrss, belongs to that phase alone):
                  Hugging Face storage reader), nothing is broadcast
   load_rank0     the path it replaced (still the fallback for directories whose names are not the model's):
                  rank 0 reads the whole model through transformers and broadcasts it piece by piece
-  save           after one training step (so Adam's moments exist): a synchronous torch_dist save; an
-                 asynchronous one (the stall: how long the step waits before training goes on, then a
-                 training step while the write runs, then the wait for the write); a safetensors-format
-                 save; the HF export (each rank writes its pieces, consolidated file by file)
+  save           after one training step (so Adam's moments exist): a synchronous torch_dist save; two
+                 asynchronous ones, the second reusing the host buffers the first allocated (each: the
+                 stall, how long the step waits before training goes on; then a training step while the
+                 write runs; then the wait for the write); a safetensors-format save; the HF export (each
+                 rank writes its pieces, consolidated file by file). Each result is kept as it comes, so
+                 a phase stopped by --timeout still reports what it measured.
 
 A random model of --shape is written once to <workdir>/model in bf16 (on the GPU where there is one).
 Each phase reports seconds and each rank's peak resident host memory (GiB) with the baseline before the
@@ -141,22 +143,24 @@ def phase_main(args: argparse.Namespace) -> None:
             dist.barrier()
             if dist.get_rank() == 0:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                record(args, out)  # a phase cut short by its timeout keeps what it measured
             dist.barrier()
 
         if "sync" in saves:
             out["sync_save_s"] = timed(lambda: model.save(os.path.join(root, "sync")))
             done_with("sync")
-        if "async" in saves:
-            sync()
-            dist.barrier()
-            start = time.perf_counter()
-            pending = model.save(os.path.join(root, "async"), asynchronous=True)
-            out["async_save_stall_s"] = time.perf_counter() - start
-            out["step_during_async_write_s"] = one_step(model)
-            pending.result()
-            dist.barrier()
-            out["async_save_total_s"] = time.perf_counter() - start
-            done_with("async")
+        if "async" in saves:  # twice: the first save also allocates (pins) the host buffers the second reuses
+            for label in ("", "_again"):
+                sync()
+                dist.barrier()
+                start = time.perf_counter()
+                pending = model.save(os.path.join(root, "async"), asynchronous=True)
+                out[f"async_save_stall{label}_s"] = time.perf_counter() - start
+                out[f"step_during_async_write{label}_s"] = one_step(model)
+                pending.result()
+                dist.barrier()
+                out[f"async_save_total{label}_s"] = time.perf_counter() - start
+                done_with("async")
         if "safetensors" in saves:
             out["safetensors_save_s"] = timed(lambda: model.save(os.path.join(root, "safetensors"), weights_format="safetensors"))
             done_with("safetensors")
@@ -167,9 +171,23 @@ def phase_main(args: argparse.Namespace) -> None:
     dist.all_gather_object(per_rank, {"baseline_rss_gib": baseline, "peak_rss_gib": peak_rss_gib()})
     out["host_memory_per_rank"] = per_rank
     if dist.get_rank() == 0:
-        with open(os.path.join(args.workdir, f"{args.phase}.json"), "w") as f:
-            json.dump(out, f, indent=2)
+        record(args, out)
     dist.destroy_process_group()
+
+
+def record(args: argparse.Namespace, out: dict) -> None:
+    """The phase's results so far, where the launching process reads them."""
+    with open(os.path.join(args.workdir, f"{args.phase}.json"), "w") as f:
+        json.dump(out, f, indent=2)
+
+
+def partial_results(workdir: str, phase: str) -> dict:
+    """What a phase recorded before it was stopped ({} if nothing)."""
+    path = os.path.join(workdir, f"{phase}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def main() -> None:
@@ -195,12 +213,16 @@ def main() -> None:
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "model_write_s": time.perf_counter() - start}
     for phase in args.phases.split(","):
+        stale = os.path.join(args.workdir, f"{phase}.json")
+        if os.path.exists(stale):
+            os.remove(stale)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}", __file__,
                *sys.argv[1:], "--phase", phase]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            results[phase] = {"error": f"timed out after {args.timeout} s"}
+            results[phase] = {**partial_results(args.workdir, phase), "error": f"timed out after {args.timeout} s"}
+            print(json.dumps({phase: results[phase]}), flush=True)
             continue
         if proc.returncode != 0:
             results[phase] = {"error": proc.stderr[-3000:]}
