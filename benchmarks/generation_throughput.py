@@ -18,6 +18,7 @@ a kernel sums flips near-ties whatever the implementation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -79,9 +80,13 @@ def main() -> None:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if policy.device.type == "cuda" else float("nan"),
         "device": torch.cuda.get_device_name() if policy.device.type == "cuda" else "cpu",
     }
+    report(result, args.out)  # ours first: a run stopped during the baseline keeps them
     if world == 1 and not args.no_baseline:
-        result.update(transformers_baseline(policy, prompts, mask, args, new_tokens / elapsed))
-    report(result, args.out)
+        baseline = transformers_baseline(policy, prompts, mask, args, new_tokens / elapsed)
+        report(baseline, None)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**result, **baseline}, f, indent=2)
     dist.destroy_process_group()
 
 
