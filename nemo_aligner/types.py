@@ -167,6 +167,11 @@ def rejected_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows[1::ROWS_PER_PAIR]
 
 
+def pair_rows(per_pair: torch.Tensor) -> torch.Tensor:
+    """A per-pair tensor [P, ...] as a pair-layout one [2P, ...]: each pair's value on both of its rows."""
+    return per_pair.repeat_interleave(ROWS_PER_PAIR, dim=0)
+
+
 PAIR_SIDES = ("chosen", "rejected")  # in row order
 
 

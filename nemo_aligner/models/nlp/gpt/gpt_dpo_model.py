@@ -8,20 +8,17 @@ nemo_aligner/reference/), used to score each batch.
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 
 import torch
 
 from nemo_aligner.config.dpo import DPOLossConfig, DPOModelConfig
-from nemo_aligner.config.schema import PretrainedCheckpointConfig, TrainerConfig
-from dataclasses import asdict
-
+from nemo_aligner.config.schema import PretrainedCheckpointConfig, ReferenceStrategy, TrainerConfig
 from nemo_aligner.losses.dpo import dpo_loss_fn, dpo_step_pairs, finalize_dpo_metrics
-
-from nemo_aligner.config.schema import ReferenceStrategy
 from nemo_aligner.losses.preference import PAIR_TENSORS, STATE_PARAMETERS, PreferencePairs, PreferenceTerm, build_preference_terms
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 from nemo_aligner.reference import ReferencePolicy, build_reference_policy, sum_over_scored
-from nemo_aligner.types import ROWS_PER_PAIR, Batch
+from nemo_aligner.types import ROWS_PER_PAIR, Batch, pair_rows
 
 
 def build_dpo_loss_fn(dpo: DPOLossConfig) -> functools.partial:
@@ -99,7 +96,7 @@ class GPTDPOModel(GPTModel):
                                gt_reward_scale=self.dpo.gt_reward_scale)
         local = len(pairs.gt_margin)
         gathered = {f: self.gather_data_parallel(getattr(pairs, f)) for f in PAIR_TENSORS}
-        index = torch.arange(local).repeat_interleave(ROWS_PER_PAIR) + self.data_parallel.rank * local
+        index = pair_rows(torch.arange(local) + self.data_parallel.rank * local)
         return PreferencePairs(**gathered, averaged=pairs.averaged), index.to(batch["input_ids"].device)
 
     def state_dict(self) -> dict[str, object]:
