@@ -104,6 +104,17 @@ def test_optimizer_state_offload_round_trip_is_bit_exact(megatron_policy: GPTMod
     assert all(torch.equal(a, b) for a, b in zip(before, states))
 
 
+def test_megatron_steps_torch_adamw_with_the_fused_kernel(megatron_policy: GPTModel) -> None:
+    """megatron-core without TransformerEngine or apex builds torch AdamW with foreach kernels; the engine
+    switches it to the fused one (whose step counts live on the parameters' device), and it trains."""
+    _sft_step(megatron_policy)
+    megatron_policy.optimizer_step(1.0)
+    adam = megatron_policy.engine.optimizer.optimizer
+    assert all(group["fused"] and not group["foreach"] for group in adam.param_groups)
+    steps = [state["step"] for state in adam.state.values()]
+    assert steps and all(step.device == param.device for step, param in zip(steps, adam.state))
+
+
 def test_describe_counts_every_distinct_weight(megatron_policy: GPTModel, llama_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
