@@ -12,13 +12,18 @@ sampling settings) and prints the ratio, and compares greedy outputs over --agre
 share of rows whose tokens are identical and the mean share before the first difference. The same
 comparison between transformers' greedy tokens for the batch and for its two halves shows the floor that
 a randomly initialised model sets: its next-token logits are nearly flat, so in bf16 the order in which
-a kernel sums flips near-ties whatever the implementation.
+a kernel sums flips near-ties whatever the implementation. With --agreement-train-steps N the model is
+first trained N steps to continue periodic rows (a pattern of 8 tokens repeated: continuing it needs
+attention 8 positions back), so that its choices are as confident as a trained model's, and the greedy
+comparison runs on prompts of that kind (the training's last loss is reported with it).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -31,7 +36,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dpo_throughput import SHAPES, report, sync  # noqa: E402
 
-from nemo_aligner.config.schema import ModelConfig, Precision, PretrainedCheckpointConfig, TrainerConfig  # noqa: E402
+from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig  # noqa: E402
+from nemo_aligner.losses.sft import sft_loss_fn  # noqa: E402
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel  # noqa: E402
 from nemo_aligner.types import Generations, LengthParams, SamplingParams  # noqa: E402
 
@@ -49,6 +55,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="examples/tiny/model", help="only its pad/eos ids are used")
     parser.add_argument("--agreement-tokens", type=int, default=64, help="greedy tokens compared with transformers")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers' generate()")
+    parser.add_argument("--agreement-train-steps", type=int, default=0,
+                        help="before the greedy comparison, train the model this many steps on periodic sequences "
+                             "(so that its next-token choices are confident, as a trained model's are) and compare "
+                             "on prompts of that kind; 0: the random weights and prompts")
+    parser.add_argument("--agreement-lr", type=float, default=3e-4, help="learning rate of that training")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -56,7 +67,7 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = world // args.tp
     cfg = ModelConfig(micro_batch_size=args.batch, global_batch_size=args.batch * dp, tensor_model_parallel_size=args.tp,
-                      encoder_seq_length=args.prompt_len + args.new_tokens)
+                      encoder_seq_length=args.prompt_len + args.new_tokens, optim=OptimConfig(lr=args.agreement_lr))
     policy = GPTModel(cfg, PretrainedCheckpointConfig(restore_from_path=None, model_config=shape, tokenizer_path=args.tokenizer),
                       TrainerConfig(devices=world, precision=Precision(args.precision)))
     gen = torch.Generator().manual_seed(policy.data_parallel.rank)
@@ -82,11 +93,16 @@ def main() -> None:
     }
     report(result, args.out)  # ours first: a run stopped during the baseline keeps them
     if world == 1 and not args.no_baseline:
-        baseline = transformers_baseline(policy, prompts, mask, args, new_tokens / elapsed)
-        report(baseline, None)
+        result.update(transformers_baseline(policy, prompts, mask, args, new_tokens / elapsed))
+        if args.agreement_train_steps:
+            prompts = periodic_rows(args.batch, args.prompt_len, shape["vocab_size"], gen).to(policy.device)
+            result.update(train_on_periodic_rows(policy, args.agreement_train_steps, args.prompt_len + args.new_tokens,
+                                                 shape["vocab_size"], gen))
+        result.update(greedy_agreement(policy, prompts, mask, args.agreement_tokens))
+        report({k: v for k, v in result.items() if k.startswith(("transformers", "speedup", "greedy", "agreement"))}, None)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({**result, **baseline}, f, indent=2)
+                json.dump(result, f, indent=2)
     dist.destroy_process_group()
 
 
@@ -102,35 +118,73 @@ def timed(run: Callable[[], Generations], repeats: int) -> tuple[Generations, fl
     return out, statistics.median(times)
 
 
-def transformers_baseline(policy: GPTModel, prompts: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace,
-                          ours_tokens_per_s: float) -> dict:
-    """transformers' generate() on a copy of the same weights (the compute dtype), prompts and sampling
-    settings: its new tokens/s, our ratio to it, and the share of rows whose greedy tokens agree."""
+def hf_copy(policy: GPTModel):  # noqa: ANN201
+    """A transformers model with a copy of the policy's weights (the compute dtype) on its device."""
     from transformers import AutoModelForCausalLM
 
     module = policy.engine.module
     hf = AutoModelForCausalLM.from_config(module.config, dtype=next(module.parameters()).dtype).to(policy.device).eval()
     hf.load_state_dict(module.state_dict())
+    return hf
+
+
+def transformers_baseline(policy: GPTModel, prompts: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace,
+                          ours_tokens_per_s: float) -> dict:
+    """transformers' generate() on a copy of the same weights, prompts and sampling settings: its new
+    tokens/s and our ratio to it."""
+    hf = hf_copy(policy)
     tokenizer = policy.tokenizer
     common = dict(attention_mask=mask, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
         hf.generate(prompts, max_new_tokens=8, min_new_tokens=8, do_sample=not args.greedy, **common)  # warm-up
         _, elapsed = timed(lambda: hf.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                                do_sample=not args.greedy, top_k=0, **common), args.repeats)
-        n = args.agreement_tokens
-        greedy = lambda ids, attend: hf.generate(ids, attention_mask=attend, max_new_tokens=n,  # noqa: E731
-                                                 min_new_tokens=n, do_sample=False, pad_token_id=common["pad_token_id"],
-                                                 eos_token_id=common["eos_token_id"])
+    tokens_per_s = prompts.shape[0] * args.new_tokens / elapsed
+    return {"transformers_new_tokens_per_s": tokens_per_s, "transformers_ms_per_decode_step": 1000 * elapsed / args.new_tokens,
+            "speedup_vs_transformers": ours_tokens_per_s / tokens_per_s}
+
+
+def greedy_agreement(policy: GPTModel, prompts: torch.Tensor, mask: torch.Tensor, n: int) -> dict:
+    """Our greedy tokens against transformers' greedy generate() over `n` new tokens (the share of rows
+    identical throughout and the mean share before the first difference), and transformers' own tokens
+    for the batch against those for its two halves (the floor that the weights' near-ties set)."""
+    hf = hf_copy(policy)
+    tokenizer = policy.tokenizer
+    greedy = lambda ids, attend: hf.generate(ids, attention_mask=attend, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
+                                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                             eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
         theirs = greedy(prompts, mask)
         half = prompts.shape[0] // 2  # the same prompts, two calls of half the batch
         theirs_halves = torch.cat([greedy(prompts[:half], mask[:half]), greedy(prompts[half:], mask[half:])])
     ours = policy.generate(prompts, mask, SamplingParams(use_greedy=True), LengthParams(max_length=n, min_length=n))
-    tokens_per_s = prompts.shape[0] * args.new_tokens / elapsed
-    return {"transformers_new_tokens_per_s": tokens_per_s, "transformers_ms_per_decode_step": 1000 * elapsed / args.new_tokens,
-            "speedup_vs_transformers": ours_tokens_per_s / tokens_per_s,
-            "greedy_compared_tokens": n,
+    return {"greedy_compared_tokens": n,
             **{f"greedy_{name}_{what}": value for name, other in (("ours", ours.tokens), ("transformers_halves", theirs_halves))
                for what, value in agreement(other[:, prompts.shape[1]:], theirs[:, prompts.shape[1]:]).items()}}
+
+
+PERIOD = 8  # tokens per repeated pattern of the agreement model's training rows
+
+
+def periodic_rows(rows: int, length: int, vocab_size: int, gen: torch.Generator) -> torch.Tensor:
+    """[rows, length] token ids: each row a random pattern of PERIOD tokens repeated (continuing one needs
+    attention to the tokens PERIOD positions back, not only the last token)."""
+    patterns = torch.randint(3, min(vocab_size, 4096), (rows, PERIOD), generator=gen)
+    return patterns.repeat(1, -(-length // PERIOD))[:, :length]
+
+
+def train_on_periodic_rows(policy: GPTModel, steps: int, length: int, vocab_size: int, gen: torch.Generator) -> dict:
+    """Train the policy `steps` steps (16 rows each) to continue periodic rows, so that its next-token
+    choices are confident; returns the last step's loss and the mean probability it gives the right token."""
+    policy.setup_optimizer(max_steps=steps)
+    for _ in range(steps):
+        ids = periodic_rows(16, length, vocab_size, gen)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+        tokens = torch.tensor(float(16 * (length - 1)))
+        loss = policy.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=tokens), micro_batch_size=16)["loss"]
+        policy.optimizer_step(1.0)
+    nll = float(loss)
+    return {"agreement_train_steps": steps, "agreement_train_loss": nll, "agreement_train_token_probability": math.exp(-nll)}
 
 
 def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:

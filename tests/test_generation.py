@@ -260,21 +260,27 @@ def test_compaction_changes_no_sampled_token_either(policy: GPTModel, monkeypatc
 
 
 @pytest.mark.parametrize("boolean_mask", [True, False])
-def test_one_token_grouped_attention_equals_attention_over_repeated_key_value_heads(boolean_mask: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_grouped_attention_equals_attention_over_repeated_key_value_heads(boolean_mask: bool,
+                                                                                  dtype: torch.dtype) -> None:
     """A decode step's query heads folded onto their shared key/value head give what SDPA gives over key and
-    value heads repeated per query head (transformers' repeat_kv), padding masked."""
+    value heads repeated per query head (transformers' repeat_kv), padding masked; in bf16, what fp32
+    attention over the same bf16 inputs gives, to the output's rounding (the scores are not rounded)."""
     from nemo_aligner.engines.torch_native.decode_attention import grouped_one_token_attention
 
     gen = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(3, heads, length, 8, generator=gen) for heads, length in ((6, 1), (2, 10), (2, 10)))
+    query, key, value = (4 * torch.randn(3, heads, length, 8, generator=gen) for heads, length in ((6, 1), (2, 10), (2, 10)))
+    query, key, value = (t.to(dtype) for t in (query, key, value))
     attend = torch.ones(3, 1, 1, 10, dtype=torch.bool)
     attend[0, ..., :4] = False  # a left-padded row
     attend[2, ..., 7:] = False  # cache positions not written yet
     mask = attend if boolean_mask else torch.zeros(attend.shape).masked_fill(~attend, float("-inf"))
-    repeated = [t.repeat_interleave(3, dim=1) for t in (key, value)]
-    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.3)
-    out = grouped_one_token_attention(query, key, value, mask, scaling=0.3)
-    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-6, atol=1e-6)
+    repeated = [t.float().repeat_interleave(3, dim=1) for t in (key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query.float(), *repeated, attn_mask=mask, scale=0.3)
+    out = grouped_one_token_attention(query, key, value, mask.to(dtype) if not boolean_mask else mask, scaling=0.3)
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.transpose(1, 2), rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa_grouped_decode", "torch_varlen"])
