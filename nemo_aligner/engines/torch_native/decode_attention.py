@@ -17,6 +17,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 GROUPED_DECODE = "sdpa_grouped_decode"
+# bmm of compute-dtype inputs into fp32 (CUDA; torch >= 2.8); without it, the scores' inputs are upcast first
+_BMM_INTO_FP32 = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def grouped_decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,7 +69,7 @@ def _fp32_scores(folded: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     it is and accumulated into fp32 (bmm's out_dtype); elsewhere (CPU: tests) both are upcast first."""
     if folded.dtype == torch.float32:
         return torch.matmul(folded, key.transpose(-1, -2))
-    if folded.is_cuda:
+    if folded.is_cuda and _BMM_INTO_FP32:
         batch, kv_heads, group, dim = folded.shape
         scores = torch.bmm(folded.reshape(batch * kv_heads, group, dim),
                            key.reshape(batch * kv_heads, -1, dim).transpose(1, 2), out_dtype=torch.float32)
