@@ -19,7 +19,7 @@ from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
 
 def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_path) -> None:
     """Two gloo processes, fp32, against torch_native (data parallel): DPO at TP=2 (swap reference), TP=2 with
-    sequence parallelism (precomputed), PP=2 (resident), PP=2 with 2 virtual chunks per stage (a 4-layer
+    sequence parallelism (precomputed), PP=2 (resident; and with aot + aot_pair), PP=2 with 2 virtual chunks per stage (a 4-layer
     model, resident) and DP=2 (precomputed), every metric of 3 steps;
     SPIN with greedy rollouts at TP=2, with and without sequence parallelism; SFT
     steps at TP=2 and at PP=2 x 2 chunks; checkpoints saved at TP=2 resumed at PP=2, and saved at PP=2 x 2
@@ -30,7 +30,7 @@ def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_p
     out = torchrun(2, "tests/distributed/megatron_engine_checks.py", model_dir, pairs, sft, str(tmp_path), timeout=600)
     results = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert results["world"] == 2 and results["resumed_at_step"] == 2
-    for name in ("dpo_tp2_swap", "dpo_tp2_sequence_parallel_precomputed", "dpo_pp2_resident", "dpo_dp2_precomputed",
+    for name in ("dpo_tp2_swap", "dpo_tp2_sequence_parallel_precomputed", "dpo_pp2_resident", "dpo_dp2_precomputed", "dpo_pp2_aot",
                  "dpo_pp2_vp2_resident", "dpo_tp2_qwen3", "spin_tp2", "spin_tp2_sequence_parallel", "sft_tp2_vs_torch_native",
                  "resume_tp2_at_pp2", "sft_pp2_vp2_vs_torch_native", "resume_pp2_vp2_at_tp2"):
         assert results[name] < 1e-5, (name, results)

@@ -6,7 +6,7 @@
 
 - DPO, N steps (3 by default; rpo_bwd_kl + SFT term), every metric against torch_native's DP run: megatron at TP=2 with the
   swap reference, at TP=2 with sequence parallelism and the precomputed one, at PP=2 with the resident
-  one, at DP=2 with the precomputed one; qwen3 (per-head query and key norms) at TP=2; a 4-layer model at
+  one, at DP=2 with the precomputed one; aot + aot_pair (which score the step's pairs first) at PP=2; qwen3 (per-head query and key norms) at TP=2; a 4-layer model at
   PP=2 with 2 virtual-pipeline chunks per stage;
 - SPIN, 2 steps with greedy generation, megatron TP=2 (and with sequence parallelism) against torch_native;
 - a checkpoint saved at TP=2 after 2 SFT steps, resumed at PP=2: the next 2 steps against TP=2 going on; the
@@ -117,6 +117,10 @@ def main() -> None:
         got = dpo_steps(args.model_dir, args.pairs, tp, precision, steps=steps, reference=strategy, engine="megatron", pp=pp,
                         sequence_parallel=sp)
         results[f"dpo_{name}_{strategy.value}"] = gap(reference, got)
+    aot_reference = dpo_steps(args.model_dir, args.pairs, 1, precision, steps=steps, loss=layout_checks.AOT_LOSSES)
+    fresh_megatron_layout()  # the step-level losses: the step's pairs scored first, through the engine
+    results["dpo_pp2_aot"] = gap(aot_reference, dpo_steps(args.model_dir, args.pairs, 1, precision, steps=steps,
+                                                          loss=layout_checks.AOT_LOSSES, engine="megatron", pp=2))
     qwen3 = derived_model(args.model_dir, os.path.join(args.workdir, "qwen3"), "qwen3")  # per-head q/k norms (TP sums their grads)
     qwen3_reference = dpo_steps(qwen3, args.pairs, 1, precision, steps=steps)
     fresh_megatron_layout()
