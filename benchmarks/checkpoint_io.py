@@ -81,17 +81,7 @@ def timed_load(phase: str, model_dir: str, precision: str) -> tuple[object, floa
         hf_load.stored_tensor_names = lambda path: None  # what a directory of other names gets: rank 0 + broadcast
     seconds = []
     load = engine.load_hf_weights
-
-    def timed(module, path):  # noqa: ANN001, ANN202
-        sync()
-        dist.barrier()
-        start = time.perf_counter()
-        load(module, path)
-        sync()
-        dist.barrier()
-        seconds.append(time.perf_counter() - start)
-
-    engine.load_hf_weights = timed
+    engine.load_hf_weights = lambda module, path: seconds.append(timed(lambda: load(module, path)))
     return build(model_dir, precision), seconds[0]
 
 
@@ -111,6 +101,7 @@ def one_step(model) -> float:  # noqa: ANN001
 
 
 def timed(fn) -> float:  # noqa: ANN001
+    """Seconds `fn()` takes on every rank: from a synchronised start to the last rank's synchronised end."""
     sync()
     dist.barrier()
     start = time.perf_counter()

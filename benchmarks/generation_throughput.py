@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dpo_throughput import SHAPES, report, sync  # noqa: E402
@@ -93,12 +94,14 @@ def main() -> None:
     }
     report(result, args.out)  # ours first: a run stopped during the baseline keeps them
     if world == 1 and not args.no_baseline:
-        result.update(transformers_baseline(policy, prompts, mask, args, new_tokens / elapsed))
+        hf = hf_copy(policy)
+        result.update(transformers_baseline(hf, policy.tokenizer, prompts, mask, args, new_tokens / elapsed))
         if args.agreement_train_steps:
             prompts = periodic_rows(args.batch, args.prompt_len, shape["vocab_size"], gen).to(policy.device)
             result.update(train_on_periodic_rows(policy, args.agreement_train_steps, args.prompt_len + args.new_tokens,
                                                  shape["vocab_size"], gen))
-        result.update(greedy_agreement(policy, prompts, mask, args.agreement_tokens))
+            hf = hf_copy(policy)  # the trained weights
+        result.update(greedy_agreement(policy, hf, prompts, mask, args.agreement_tokens))
         report({k: v for k, v in result.items() if k.startswith(("transformers", "speedup", "greedy", "agreement"))}, None)
         if args.out:
             with open(args.out, "w") as f:
@@ -128,12 +131,10 @@ def hf_copy(policy: GPTModel):  # noqa: ANN201
     return hf
 
 
-def transformers_baseline(policy: GPTModel, prompts: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace,
-                          ours_tokens_per_s: float) -> dict:
-    """transformers' generate() on a copy of the same weights, prompts and sampling settings: its new
-    tokens/s and our ratio to it."""
-    hf = hf_copy(policy)
-    tokenizer = policy.tokenizer
+def transformers_baseline(hf: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: torch.Tensor,
+                          mask: torch.Tensor, args: argparse.Namespace, ours_tokens_per_s: float) -> dict:
+    """transformers' generate() on `hf` (a copy of our weights) with the same prompts and sampling settings:
+    its new tokens/s and our ratio to it."""
     common = dict(attention_mask=mask, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
         hf.generate(prompts, max_new_tokens=8, min_new_tokens=8, do_sample=not args.greedy, **common)  # warm-up
@@ -144,11 +145,11 @@ def transformers_baseline(policy: GPTModel, prompts: torch.Tensor, mask: torch.T
             "speedup_vs_transformers": ours_tokens_per_s / tokens_per_s}
 
 
-def greedy_agreement(policy: GPTModel, prompts: torch.Tensor, mask: torch.Tensor, n: int) -> dict:
-    """Our greedy tokens against transformers' greedy generate() over `n` new tokens (the share of rows
-    identical throughout and the mean share before the first difference), and transformers' own tokens
-    for the batch against those for its two halves (the floor that the weights' near-ties set)."""
-    hf = hf_copy(policy)
+def greedy_agreement(policy: GPTModel, hf: torch.nn.Module, prompts: torch.Tensor, mask: torch.Tensor, n: int) -> dict:
+    """Our greedy tokens against transformers' greedy generate() on `hf` (a copy of our weights) over `n`
+    new tokens (the share of rows identical throughout and the mean share before the first difference),
+    and transformers' own tokens for the batch against those for its two halves (the floor that the
+    weights' near-ties set)."""
     tokenizer = policy.tokenizer
     greedy = lambda ids, attend: hf.generate(ids, attention_mask=attend, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
                                              do_sample=False, pad_token_id=tokenizer.pad_token_id,

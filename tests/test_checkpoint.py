@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from unittest.mock import Mock
 
 import pytest
 import torch
@@ -67,9 +68,11 @@ def test_consecutive_asynchronous_saves_reuse_their_host_buffers_and_each_holds_
     _steps(model, 0, 1)
     writes = [model.save(first, asynchronous=True)]
     stager = model.engine._checkpoint_stager
+    waited = []
+    model.engine._async_write = Mock(wraps=writes[0], result=lambda: waited.append(1) or writes[0].result())
     after_first = _steps(model, 1, 3)
     writes.append(model.save(second, asynchronous=True))
-    assert model.engine._checkpoint_stager is stager and writes[0].done()
+    assert model.engine._checkpoint_stager is stager and waited == [1]  # the second staged after the first write
     after_second = _steps(model, 3, 5)
     writes[1].result()
     for path, start, expected in ((first, 1, after_first), (second, 3, after_second)):

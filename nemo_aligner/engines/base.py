@@ -44,13 +44,12 @@ if TYPE_CHECKING:
     from nemo_aligner.config.schema import ModelConfig, OptimConfig, PretrainedCheckpointConfig, TrainerConfig
 
 ReduceOp = Literal["sum", "max"]
+WeightPlace = Literal["host", "device"]
 
 
 class NonFiniteGradientError(FloatingPointError):
     """What Engine.optimizer_step raises for a NaN or inf gradient norm: the step was skipped, no weight
     changed, and the gradients are cleared."""
-
-WeightPlace = Literal["host", "device"]
 
 
 class Engine(Protocol):

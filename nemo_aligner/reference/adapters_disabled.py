@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import ContextManager
 
-
 from nemo_aligner.engines.base import Engine
 from nemo_aligner.reference.base import ComputedOnThePolicyNetwork
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import ContextManager
 
-
 from nemo_aligner.engines.base import Engine, WeightPlace
 from nemo_aligner.reference.base import ComputedOnThePolicyNetwork
 from nemo_aligner.types import Weights, check_same_weights

@@ -276,4 +276,3 @@ def scored_linear_logprobs(
                              vocab_start_index=vocab_start_index, chunk_size=chunk_size)
     return torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device).index_copy(
         0, index, scored).view(targets.shape)
-

@@ -43,7 +43,6 @@ from nemo_aligner.utils.offload import HostOffload
 logger = logging.getLogger(__name__)
 
 
-
 class MegatronEngine:
     """Owns megatron's GPTModel (this rank's stage, as one chunk of layers or several under a virtual
     pipeline, and its tensor-parallel slice), its DDP wrappers and the distributed optimizer; speaks only

@@ -10,7 +10,6 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from nemo_aligner.engines.torch_native.lora import ADAPTER, LoraLayer
-
 from nemo_aligner.utils.distributed import log_rank0
 
 logger = logging.getLogger(__name__)

@@ -65,9 +65,10 @@ class GPTDPOModel(GPTModel):
             batch, functools.partial(self.micro_batches, micro_batch_size=self.dpo.log_prob_forward_micro_batch_size))
 
     @torch.no_grad()
-    def sequence_logps(self, batch: Batch) -> torch.Tensor:
-        """Σ_t log-probs of each row's response under the current weights, [2P], without gradients."""
-        micro_batches = self.micro_batches(batch, self.dpo.log_prob_forward_micro_batch_size)
+    def sequence_logps(self, batch: Batch, micro_batch_size: int | None = None) -> torch.Tensor:
+        """Σ_t log-probs of each row's response under the current weights, [2P], without gradients, in forwards
+        of `micro_batch_size` pairs (default: model.dpo.log_prob_forward_micro_batch_size)."""
+        micro_batches = self.micro_batches(batch, micro_batch_size or self.dpo.log_prob_forward_micro_batch_size)
         return sum_over_scored(self.engine.logprobs(micro_batches), micro_batches)
 
     def loss_and_metrics(self, batch: Batch, *, forward_only: bool) -> dict[str, float]:
@@ -90,9 +91,10 @@ class GPTDPOModel(GPTModel):
 
     def step_pairs(self, batch: Batch) -> tuple[PreferencePairs, torch.Tensor]:
         """Every pair of this optimizer step, on every data-parallel rank, under the current weights and
-        without gradients (one extra forward of the policy), in rank order; and each row's pair index in
-        it [2P]. The step-level losses (AOT) rank the pairs by these."""
-        pairs = dpo_step_pairs(self.sequence_logps(batch), batch, average_log_probs=self.dpo.preference_average_log_probs,
+        without gradients (one extra forward of the policy, in the training micro-batches, which fit and
+        score each pair as the training forward will), in rank order; and each row's pair index in it [2P].
+        The step-level losses (AOT) rank the pairs by these."""
+        pairs = dpo_step_pairs(self.sequence_logps(batch, self.cfg.micro_batch_size), batch, average_log_probs=self.dpo.preference_average_log_probs,
                                gt_reward_scale=self.dpo.gt_reward_scale)
         local = len(pairs.gt_margin)
         gathered = {f: self.gather_data_parallel(getattr(pairs, f)) for f in PAIR_TENSORS}
