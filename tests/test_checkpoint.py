@@ -10,6 +10,7 @@ from unittest.mock import Mock
 import pytest
 import torch
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import FP32, model_cfg, pretrained, right_padded_batch
@@ -62,17 +63,21 @@ def test_resume_gives_the_same_losses_and_rng(llama_dir: str, tmp_path, precisio
 def test_consecutive_asynchronous_saves_reuse_their_host_buffers_and_each_holds_its_step(llama_dir: str, tmp_path,
                                                                                          sharding: str) -> None:
     """Two asynchronous saves with training between them, the second started at once: it waits for the first
-    write before staging into the same host buffers, and each checkpoint resumes to its own step's losses."""
+    write before staging into the same host buffers, and each checkpoint resumes to its own step's losses.
+    The stager is closed after the first save, as torch 2.11's async_save does to the stager it is given."""
     model = _policy(llama_dir, sharding=sharding)
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     _steps(model, 0, 1)
     writes = [model.save(first, asynchronous=True)]
     stager = model.engine._checkpoint_stager
+    stager.close()
+    buffers = [t.untyped_storage().data_ptr() for t in _tensors(stager.staged)]
     waited = []
     model.engine._async_write = Mock(wraps=writes[0], result=lambda: waited.append(1) or writes[0].result())
     after_first = _steps(model, 1, 3)
     writes.append(model.save(second, asynchronous=True))
     assert model.engine._checkpoint_stager is stager and waited == [1]  # the second staged after the first write
+    assert [t.untyped_storage().data_ptr() for t in _tensors(stager.staged)] == buffers and buffers
     after_second = _steps(model, 3, 5)
     writes[1].result()
     for path, start, expected in ((first, 1, after_first), (second, 3, after_second)):
@@ -80,6 +85,14 @@ def test_consecutive_asynchronous_saves_reuse_their_host_buffers_and_each_holds_
         resumed.load(path)
         resumed.engine.scheduler.last_epoch = start  # the LR schedule's position (the trainer state's job)
         assert _steps(resumed, start, start + 2) == expected
+
+
+def _tensors(state: object) -> list[torch.Tensor]:
+    """The tensors of a nested state dict, depth first (a DTensor's local shard for a DTensor)."""
+    if isinstance(state, torch.Tensor):
+        return [state.to_local() if isinstance(state, DTensor) else state]
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return [t for value in values for t in _tensors(value)]
 
 
 def test_interrupted_save_leaves_previous_checkpoint_latest(llama_dir: str, tmp_path, monkeypatch) -> None:

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.staging import DefaultStager
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -140,7 +139,7 @@ class TorchNativeEngine:
         self._offload = HostOffload(device)  # optimizer state parked on the host while generating
         self._stashes: dict[str, dict[str, torch.Tensor]] = {}  # training weights set aside, by place
         self._checkpoint_group: dist.ProcessGroup | None = None  # asynchronous saves' own (made at the first)
-        self._checkpoint_stager: DefaultStager | None = None  # their host buffers (made at the first)
+        self._checkpoint_stager: checkpoint.HostStager | None = None  # their host buffers (made at the first)
         self._async_write: Future | None = None  # the last asynchronous save's write
         self._swapped = False
         self._host_copy_stream: torch.cuda.Stream | None = None
@@ -354,7 +353,7 @@ class TorchNativeEngine:
             return None
         if self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")
-            self._checkpoint_stager = checkpoint.host_stager(self.device)
+            self._checkpoint_stager = checkpoint.HostStager(self.device)
         if self._async_write is not None:
             self._async_write.result()  # its staged tensors are about to be overwritten
         self._async_write = dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group,
