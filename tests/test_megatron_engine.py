@@ -15,6 +15,7 @@ import torch
 from helpers import FP32, make_model_dir, model_cfg, pretrained, right_padded_batch, torchrun, write_pairs, write_sft
 from nemo_aligner.config.schema import PeftConfig, Precision, TrainerConfig
 from nemo_aligner.models.nlp.gpt.gpt_model import GPTModel
+from nemo_aligner.types import LengthParams, SamplingParams
 
 
 def test_dpo_spin_resume_and_export_on_megatron_layouts_equal_torch_native(tmp_path) -> None:
@@ -237,13 +238,14 @@ def test_a_sharded_hf_directory_loads_tensor_by_tensor_into_the_same_model(llama
 
 def test_compiled_layers_score_and_step_as_eager_ones_without_graph_breaks(llama_dir: str) -> None:
     """model.torch_compile=true (the default on CUDA) compiles each megatron decoder layer whole: the same
-    log-probs, loss and gradient norm as eager, and dynamo breaks no graph."""
+    log-probs, loss and gradient norm as eager, and dynamo breaks no graph; generation (KV cache) runs the
+    layers eagerly, compiling nothing, with the tokens of the eager model."""
     import torch._dynamo
     from megatron.core import parallel_state
 
     batch = right_padded_batch(4, 10, 48, seed=3)
     tokens = batch["loss_mask"][:, 1:].sum()
-    results = []
+    results, generations = [], []
     try:
         for compiled in (False, True):
             torch._dynamo.utils.counters.clear()
@@ -252,9 +254,14 @@ def test_compiled_layers_score_and_step_as_eager_ones_without_graph_breaks(llama
             logprobs = policy.get_logprobs(batch)
             loss = policy.forward_backward(batch, lambda lp, mb: (-(lp * mb["loss_mask"][:, 1:]).sum() / tokens, {}))["loss"]
             results.append((logprobs, loss, policy.optimizer_step(1.0)[0]))
+            compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            generations.append(policy.generate(batch["input_ids"][:, :6], torch.ones_like(batch["input_ids"][:, :6]),
+                                               SamplingParams(use_greedy=True), LengthParams(max_length=5)).tokens)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
             parallel_state.destroy_model_parallel()
-        assert "compiled layers" in policy.engine.describe()
+        assert "compiled layers" in policy.engine.describe() and compiled_graphs > 0
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+        assert torch.equal(generations[0], generations[1])
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
@@ -273,7 +280,6 @@ def test_greedy_generation_from_the_kv_cache_equals_torch_native_on_left_padded_
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    from nemo_aligner.types import LengthParams, SamplingParams
 
     outputs = []
     try:

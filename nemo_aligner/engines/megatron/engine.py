@@ -193,9 +193,13 @@ class MegatronEngine:
                              "(SPIN and RS generate; DPO does not)")
         generator = rollout_generator(self.seed, self.layout.dp_rank, self.generation_calls, self.device)
         self.generation_calls += not sampling.use_greedy
-        return generate(self.chunks[0], input_ids, attention_mask, sampling=sampling, length=length,
-                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                        generator=generator, layout=self.layout)
+        # Compiled layers (compile_layers) run eagerly here: megatron's KV-cache bookkeeping (a cache slot per
+        # layer number, the cache's growing offset) would make dynamo specialise each layer and recompile it
+        # at every step until its recompile limit.
+        with torch.compiler.set_stance("force_eager"):
+            return generate(self.chunks[0], input_ids, attention_mask, sampling=sampling, length=length,
+                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                            generator=generator, layout=self.layout)
 
     def generation_rows_that_fit(self, positions: int, memory_fraction: float) -> int | None:
         """Rows whose KV cache (megatron's, exactly `positions` long) and sampling buffers fit in
