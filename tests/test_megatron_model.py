@@ -10,7 +10,7 @@ from megatron.core import parallel_state  # a dev dependency (pip install -e ".[
 from transformers import AutoModelForCausalLM
 
 from helpers import make_model_dir, torchrun
-from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements_on_cpu
+from nemo_aligner.engines.megatron.build import RotaryTables, apply_rotary_tables, build_gpt_model, cuda_placements_on_cpu
 from nemo_aligner.engines.megatron.convert import fuse_qkv, hf_to_megatron, megatron_to_hf, split_qkv, tensor_parallel_shard
 from nemo_aligner.utils.distributed import init_distributed
 
@@ -63,6 +63,29 @@ def test_fused_qkv_puts_each_query_group_before_its_key_and_value() -> None:
     fused = fuse_qkv(q, k, v, config)
     assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, config), (q, k, v)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_give_megatrons_own_rope_and_its_gradient_bit_for_bit(dtype: torch.dtype) -> None:
+    """RoPE from the precomputed cos / sin tables equals megatron-core's unfused RoPE from the angles (which
+    rounds cos and sin to the compute dtype the same way), values and gradients, past position 512."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    length, heads, dim = 700, 3, 16
+    angles = RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, rotary_base=10000, use_cpu_initialization=True)
+    tables = RotaryTables(kv_channels=dim, rotary_base=10000, dtype=dtype)
+    t = torch.randn(length, 2, heads, dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    grad = torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with cuda_placements_on_cpu():
+        ours_in, theirs_in = t.clone().requires_grad_(), t.clone().requires_grad_()
+        ours = apply_rotary_tables(ours_in, tables(length))
+        theirs = _apply_rotary_pos_emb_bshd(theirs_in, angles(length))
+    ours.backward(grad)
+    theirs.backward(grad)
+    assert tables(length).shape == (length, 1, 1, 2 * dim) and tables(length).dtype == dtype
+    assert torch.equal(ours, theirs) and not torch.equal(ours, t)
+    assert torch.equal(ours_in.grad, theirs_in.grad)
 
 
 def test_tensor_and_pipeline_parallel_layouts_give_transformers_logits_and_gradients(tmp_path) -> None:

@@ -4,12 +4,15 @@ local spec, no TransformerEngine or apex needed) with PyTorch's SDPA as the core
 from __future__ import annotations
 
 import contextlib
+from functools import lru_cache
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import RowParallelLinear
@@ -28,13 +31,15 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 def transformer_config(config: PretrainedConfig, *, dtype: torch.dtype) -> TransformerConfig:
     """The megatron TransformerConfig of a Hugging Face config (FAMILIES); kernels that need CUDA
-    extensions (fused softmax, fused bias-activation, fused RoPE) are off, dropout is 0."""
+    extensions (fused softmax, fused bias-activation) are off, RoPE goes through megatron's fused-RoPE
+    slot to apply_rotary_tables (install_rotary_tables), dropout is 0."""
     if config.model_type not in FAMILIES:
         raise ValueError(f"model.engine=megatron supports model_type {list(FAMILIES)}, not '{config.model_type}'")
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type != "default":
         raise ValueError(f"model.engine=megatron supports plain RoPE, not rope_type '{rope_type}'")
     heads = config.num_attention_heads
+    install_rotary_tables()
     return TransformerConfig(
         num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.intermediate_size,
         num_attention_heads=heads, num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
@@ -44,9 +49,45 @@ def transformer_config(config: PretrainedConfig, *, dtype: torch.dtype) -> Trans
         add_qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
         qk_layernorm=has_qk_norms(config),
         attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False, bias_activation_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=True, gradient_accumulation_fusion=False,
         persist_layer_norm=False, use_cpu_initialization=True, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+class RotaryTables(RotaryEmbedding):
+    """RoPE as cos and sin tables, side by side along the last dimension ([s, 1, 1, 2 * d], in the compute
+    dtype), made once per sequence length; megatron's own RotaryEmbedding hands every layer the angles,
+    and its unfused RoPE takes their cos and sin in each layer, which a compiled layer then recomputes in
+    fp32 for every element of every head, forward and backward. Same values: megatron also rounds the
+    fp32 cos and sin to the compute dtype before it multiplies."""
+
+    def __init__(self, *, kv_channels: int, rotary_base: int, dtype: torch.dtype) -> None:
+        super().__init__(kv_channels=kv_channels, rotary_percent=1.0, rotary_base=rotary_base,
+                         use_cpu_initialization=True)
+        self.dtype = dtype
+
+    @lru_cache(maxsize=32)
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group: object = None) -> torch.Tensor:
+        angles = super().forward(max_seq_len, offset, packed_seq, cp_group)
+        return torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.dtype)
+
+
+def apply_rotary_tables(t: torch.Tensor, tables: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """RoPE on `t` [s, b, heads, d] from RotaryTables' [s, 1, 1, 2 * d] (megatron's fused-RoPE signature;
+    its non-interleaved layout: the two halves of each head rotate as pairs)."""
+    if interleaved:
+        raise NotImplementedError("interleaved RoPE is not among the supported families")
+    cos, sin = tables.chunk(2, dim=-1)
+    first, second = t.chunk(2, dim=-1)
+    return t * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def install_rotary_tables() -> None:
+    """Route megatron's fused-RoPE slot (filled by TransformerEngine when that is installed; this engine
+    builds megatron's local spec, so TE's kernel would never be asked for) to apply_rotary_tables; the
+    slot must be filled before a TransformerConfig with apply_rope_fusion is made."""
+    rope_utils.fused_apply_rotary_pos_emb = apply_rotary_tables
 
 
 class SDPACoreAttention(MegatronModule):
@@ -127,12 +168,15 @@ def build_gpt_model(config: PretrainedConfig, *, dtype: torch.dtype, pipeline_st
     transformer.pipeline_dtype = dtype
     ends = dict(ignore_virtual=chunks == 1, vp_stage=chunk)
     with cuda_placements_on_cpu():
-        return GPTModel(transformer, spec, vocab_size=config.vocab_size,
-                        max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
-                        rotary_base=int(rope_theta(config)),
-                        share_embeddings_and_output_weights=config.tie_word_embeddings,
-                        pre_process=parallel_state.is_pipeline_first_stage(**ends),
-                        post_process=parallel_state.is_pipeline_last_stage(**ends), vp_stage=chunk)
+        model = GPTModel(transformer, spec, vocab_size=config.vocab_size,
+                         max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
+                         rotary_base=int(rope_theta(config)),
+                         share_embeddings_and_output_weights=config.tie_word_embeddings,
+                         pre_process=parallel_state.is_pipeline_first_stage(**ends),
+                         post_process=parallel_state.is_pipeline_last_stage(**ends), vp_stage=chunk)
+    model.rotary_pos_emb = RotaryTables(kv_channels=transformer.kv_channels, rotary_base=int(rope_theta(config)),
+                                        dtype=dtype)
+    return model
 
 
 def rope_theta(config: PretrainedConfig) -> float:
