@@ -116,6 +116,36 @@ def test_megatron_steps_torch_adamw_with_the_fused_kernel(megatron_policy: GPTMo
     assert steps and all(step.device == param.device for step, param in zip(steps, adam.state))
 
 
+def test_torch_multi_tensor_kernels_match_megatrons_fallbacks_and_fill_its_slots(megatron_policy: GPTModel) -> None:
+    """The gradient norm and scaling kernels the engine puts in megatron's apex slots give what megatron's
+    per-tensor fallbacks give (the norm within fp32 rounding: the fallback adds the norms up on the host),
+    and the engine's optimizer step goes through them."""
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    from nemo_aligner.engines.megatron import torch_kernels
+    from nemo_aligner.engines.megatron.build import cuda_placements_on_cpu
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=gen) * scale for shape, scale in (((3, 5), 1.0), ((7,), 1e3), ((2, 2, 2), 1e-3))]
+    with cuda_placements_on_cpu():
+        theirs, _ = megatron_utils.local_multi_tensor_l2_norm(0, None, [tensors], False)
+    ours, _ = torch_kernels.foreach_l2_norm(0, None, [tensors], False)
+    assert ours.shape == (1,) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    for sources, scale in (([t.clone() for t in tensors], 0.5), (tensors, 0.25), (tensors, 1.0)):
+        expected, got = [torch.empty_like(t) for t in tensors], [torch.empty_like(t) for t in tensors]
+        megatron_utils.local_multi_tensor_scale(0, None, [sources, expected], scale)
+        torch_kernels.foreach_scale(0, None, [sources, got], scale)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    in_place = [t.clone() for t in tensors]
+    torch_kernels.foreach_scale(0, None, [in_place, in_place], 0.5)
+    assert all(torch.equal(a, b * 0.5) for a, b in zip(in_place, tensors))
+    assert clip_grads.l2_norm_impl is torch_kernels.foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is megatron_optimizer.multi_tensor_scale_impl is torch_kernels.foreach_scale
+
+
 def test_describe_counts_every_distinct_weight(megatron_policy: GPTModel, llama_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 

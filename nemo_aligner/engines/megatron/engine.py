@@ -28,7 +28,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.engines.base import NonFiniteGradientError, ReduceOp, WeightPlace
-from nemo_aligner.engines.megatron import weights_io
+from nemo_aligner.engines.megatron import torch_kernels, weights_io
 from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements_on_cpu
 from nemo_aligner.engines.megatron.generation import generate
 from nemo_aligner.engines.megatron.layout import MegatronLayout, check_layout
@@ -114,6 +114,7 @@ class MegatronEngine:
         config = OptimizerConfig(optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
                                  adam_beta2=cfg.betas[1], adam_eps=cfg.eps, bf16=self.compute_dtype == torch.bfloat16,
                                  params_dtype=self.compute_dtype, use_distributed_optimizer=True, clip_grad=0.0)
+        torch_kernels.install()
         with cuda_placements_on_cpu():
             self.optimizer = get_megatron_optimizer(config, self.ddp)
         weights_io.fuse_torch_adam(self.optimizer)
