@@ -46,8 +46,10 @@ class HostStager(AsyncStager):
     one. DCP's default stages into pageable memory allocated anew at every save: 3.6 s of stall for the
     0.5B shape's 6 GiB of weights and optimizer state on an H200, about 1.7 GB/s. torch's own reusable
     stager (DefaultStager) cannot serve a second save on torch 2.11, whose async_save closes the stager it
-    is given, which empties its copy tables; closing this one keeps its buffers. The caller must not stage
-    again before the previous write has finished."""
+    is given, which empties its copy tables; closing this one keeps its buffers. The first save pays for
+    making them (torch's _create_cpu_state_dict first copies each sharded tensor to pageable memory, then
+    pins a second buffer): 53 s of stall for the 8B shape's 45 GB per rank on an H200, against 0.98 s for
+    every later save. The caller must not stage again before the previous write has finished."""
 
     _synchronize_after_execute = False  # stage() returns once the copies are done
 
