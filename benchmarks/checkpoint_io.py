@@ -92,12 +92,8 @@ def one_step(model) -> float:  # noqa: ANN001
     gen = torch.Generator().manual_seed(dist.get_rank())
     ids = torch.randint(0, vocab, (1, 256), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones(1, 256)}
-    sync()
-    start = time.perf_counter()
-    model.forward_backward(batch, functools.partial(sft_loss_fn, global_num_tokens=torch.tensor(255.0 * dist.get_world_size())))
-    model.optimizer_step(1.0)
-    sync()
-    return time.perf_counter() - start
+    loss_fn = functools.partial(sft_loss_fn, global_num_tokens=torch.tensor(255.0 * dist.get_world_size()))
+    return timed(lambda: (model.forward_backward(batch, loss_fn), model.optimizer_step(1.0)))
 
 
 def timed(fn) -> float:  # noqa: ANN001

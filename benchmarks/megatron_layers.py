@@ -66,8 +66,7 @@ def megatron_layers(config: AutoConfig, length: int, *, rotary_tables: bool) -> 
 
 
 def transformers_layers(config: AutoConfig, length: int) -> tuple[Run, Callable[[int], torch.Tensor]]:
-    config._attn_implementation = "sdpa"
-    model = Qwen2Model(config).to(DEVICE, DTYPE)
+    model = Qwen2Model._from_config(config, attn_implementation="sdpa").to(DEVICE, DTYPE)
     for layer in model.layers:
         layer.compile()
 

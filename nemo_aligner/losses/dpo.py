@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from typing import Mapping
+
+import torch
 
 from nemo_aligner.losses.preference import (PreferencePairs, PreferenceTerm, combined_preference_loss, pairs_from_row_sums,
                                             preference_pairs)

@@ -94,7 +94,8 @@ class GPTDPOModel(GPTModel):
         without gradients (one extra forward of the policy, in the training micro-batches, which fit and
         score each pair as the training forward will), in rank order; and each row's pair index in it [2P].
         The step-level losses (AOT) rank the pairs by these."""
-        pairs = dpo_step_pairs(self.sequence_logps(batch, self.cfg.micro_batch_size), batch, average_log_probs=self.dpo.preference_average_log_probs,
+        pairs = dpo_step_pairs(self.sequence_logps(batch, self.cfg.micro_batch_size), batch,
+                               average_log_probs=self.dpo.preference_average_log_probs,
                                gt_reward_scale=self.dpo.gt_reward_scale)
         local = len(pairs.gt_margin)
         gathered = {f: self.gather_data_parallel(getattr(pairs, f)) for f in PAIR_TENSORS}
