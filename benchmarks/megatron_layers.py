@@ -1,15 +1,16 @@
 """Decoder layers alone, forward + backward, each layer compiled, at the DPO benchmark's shape (16 rows x 512
 tokens, Qwen2.5-0.5B widths, bf16): megatron's layer as the megatron engine builds it (RoPE from cos/sin
-tables), the same layer with megatron's own RoPE (the angles in, cos and sin taken in every layer), and
-transformers' Qwen2 layer (what the torch_native engine runs). Separates the layers' own cost from the rest
+tables, SwiGLU through build.swiglu), the same layer with megatron's own RoPE (the angles in, cos and sin
+taken in every layer) and its own GLU (a chunk, whose backward is a concatenation), and transformers' Qwen2 layer (what the torch_native engine runs). Separates the layers' own cost from the rest
 of a training step (optimizer, log-probs, recompiles) when the two engines' steps differ.
 
     python benchmarks/megatron_layers.py --out benchmarks/results/megatron_layers_h200.json --kernels DIR
 
 Prints and writes ms per layer (forward + backward, after warm-up); with --kernels, each variant's top
 device kernels (three profiled iterations) as DIR/layers_<variant>_kernels.txt. With --first-rows N the
-layers first run once on N rows, so that dynamo compiles them again with a dynamic batch dimension, as a
-training run's reference pass in another micro-batch size does. On CPU (no CUDA) it runs a small shape
+layers first run once on N rows, as a training run's reference pass in another micro-batch size does:
+dynamo then compiles transformers' layers again with a dynamic batch dimension, and megatron's (compiled
+as the engine compiles them, build.compile_with_static_batch) once more for the new static batch. On CPU (no CUDA) it runs a small shape
 over gloo, for a check of the script itself.
 """
 
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
-from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements_on_cpu, rope_theta
+from nemo_aligner.engines.megatron.build import build_gpt_model, compile_with_static_batch, cuda_placements_on_cpu, rope_theta
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -49,15 +50,15 @@ def qwen_config(layers: int) -> AutoConfig:
                                 tie_word_embeddings=True)
 
 
-def megatron_layers(config: AutoConfig, length: int, *, rotary_tables: bool) -> tuple[Run, Callable[[int], torch.Tensor]]:
+def megatron_layers(config: AutoConfig, length: int, *, engine_slots: bool) -> tuple[Run, Callable[[int], torch.Tensor]]:
     model = build_gpt_model(config, dtype=DTYPE).to(DEVICE)
-    if not rotary_tables:  # megatron's own RoPE: the angles in, cos and sin taken in every layer
-        model.config.apply_rope_fusion = False
+    if not engine_slots:  # megatron's own RoPE (the angles in, cos and sin taken in every layer) and GLU
+        model.config.apply_rope_fusion = model.config.bias_activation_fusion = False
         model.rotary_pos_emb = RotaryEmbedding(kv_channels=config.hidden_size // config.num_attention_heads,
                                                rotary_percent=1.0, rotary_base=int(rope_theta(config)),
                                                use_cpu_initialization=True)
     for layer in model.decoder.layers:
-        layer.compile()
+        compile_with_static_batch(layer)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with cuda_placements_on_cpu():
@@ -116,8 +117,8 @@ def main() -> None:
         torch.cuda.set_device(0)
     parallel_state.initialize_model_parallel(1, 1)
     config = qwen_config(args.layers)
-    variants = {"megatron_rotary_tables": lambda: megatron_layers(config, args.length, rotary_tables=True),
-                "megatron_own_rope": lambda: megatron_layers(config, args.length, rotary_tables=False),
+    variants = {"megatron_engine": lambda: megatron_layers(config, args.length, engine_slots=True),
+                "megatron_own_rope_and_glu": lambda: megatron_layers(config, args.length, engine_slots=False),
                 "transformers": lambda: transformers_layers(config, args.length)}
     result: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "shape": "qwen2.5-0.5b widths",
                     "rows": args.rows, "length": args.length, "layers": args.layers, "dtype": "bf16",

@@ -268,8 +268,9 @@ def test_a_sharded_hf_directory_loads_tensor_by_tensor_into_the_same_model(llama
 
 def test_compiled_layers_score_and_step_as_eager_ones_without_graph_breaks(llama_dir: str) -> None:
     """model.torch_compile=true (the default on CUDA) compiles each megatron decoder layer whole: the same
-    log-probs, loss and gradient norm as eager, and dynamo breaks no graph; generation (KV cache) runs the
-    layers eagerly, compiling nothing, with the tokens of the eager model."""
+    log-probs, loss and gradient norm as eager, and dynamo breaks no graph; each new batch size compiles
+    one more graph (never a dynamic batch); generation (KV cache) runs the layers eagerly, compiling
+    nothing, with the tokens of the eager model."""
     import torch._dynamo
     from megatron.core import parallel_state
 
@@ -288,6 +289,14 @@ def test_compiled_layers_score_and_step_as_eager_ones_without_graph_breaks(llama
             generations.append(policy.generate(batch["input_ids"][:, :6], torch.ones_like(batch["input_ids"][:, :6]),
                                                SamplingParams(use_greedy=True), LengthParams(max_length=5)).tokens)
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
+            if compiled:  # the batch stays static (build.compile_with_static_batch): one more graph per batch size
+                whole = policy.get_logprobs(batch)  # the stepped weights
+                for added, rows in enumerate((4, 6), start=1):  # micro-batches of 2 rows so far, of one length
+                    picked = torch.arange(rows) % 4
+                    part = {key: value[picked] for key, value in batch.items()}
+                    torch.testing.assert_close(policy.get_logprobs(part, micro_batch_size=rows), whole[picked],
+                                               rtol=1e-5, atol=1e-5)
+                    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs + added
             parallel_state.destroy_model_parallel()
         assert "compiled layers" in policy.engine.describe() and compiled_graphs > 0
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

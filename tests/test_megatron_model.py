@@ -10,7 +10,8 @@ from megatron.core import parallel_state  # a dev dependency (pip install -e ".[
 from transformers import AutoModelForCausalLM
 
 from helpers import make_model_dir, torchrun
-from nemo_aligner.engines.megatron.build import RotaryTables, apply_rotary_tables, build_gpt_model, cuda_placements_on_cpu
+from nemo_aligner.engines.megatron.build import (RotaryTables, apply_rotary_tables, build_gpt_model, cuda_placements_on_cpu,
+                                                 swiglu)
 from nemo_aligner.engines.megatron.convert import fuse_qkv, hf_to_megatron, megatron_to_hf, split_qkv, tensor_parallel_shard
 from nemo_aligner.utils.distributed import init_distributed
 
@@ -86,6 +87,36 @@ def test_rotary_tables_give_megatrons_own_rope_and_its_gradient_bit_for_bit(dtyp
     assert tables(length).shape == (length, 1, 1, 2 * dim) and tables(length).dtype == dtype
     assert torch.equal(ours, theirs) and not torch.equal(ours, t)
     assert torch.equal(ours_in.grad, theirs_in.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_slot_gives_silu_gate_times_up_and_its_gradient(dtype: torch.dtype, monkeypatch) -> None:
+    """The SwiGLU in megatron's fused-activation slot against autograd of silu(gate) * up in float64 (the
+    gradient written into two halves of one tensor), and the MLP of a built model calls it."""
+    from megatron.core.transformer import mlp
+
+    x = torch.randn(5, 3, 2 * 8, generator=torch.Generator().manual_seed(0)) * 3
+    grad = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(1))
+    reference_in = x.double().requires_grad_()
+    gate, up = reference_in.chunk(2, dim=-1)
+    (torch.nn.functional.silu(gate) * up).backward(grad.double())
+    ours_in = x.to(dtype).requires_grad_()
+    ours = swiglu(ours_in, None)
+    ours.backward(grad.to(dtype))
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(ours.double(), (torch.nn.functional.silu(gate) * up).detach(), **tolerance)
+    torch.testing.assert_close(ours_in.grad.double(), reference_in.grad, **tolerance)
+    assert ours_in.grad.dtype == dtype
+    with pytest.raises(NotImplementedError, match="no bias"):
+        swiglu(x, torch.zeros(16))
+
+    from transformers import AutoConfig
+    model = build_gpt_model(AutoConfig.for_model("llama", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                                 num_attention_heads=2, vocab_size=16), dtype=torch.float32)
+    calls = []
+    monkeypatch.setattr(mlp, "bias_swiglu_impl", lambda *args: calls.append(args) or swiglu(*args))
+    model.decoder.layers[0].mlp(torch.randn(4, 2, 8))
+    assert len(calls) == 1 and calls[0][0].shape == (4, 2, 16)
 
 
 def test_tensor_and_pipeline_parallel_layouts_give_transformers_logits_and_gradients(tmp_path) -> None:

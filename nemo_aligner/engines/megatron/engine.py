@@ -29,7 +29,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from nemo_aligner.config.schema import ModelConfig, OptimConfig, Precision, PretrainedCheckpointConfig, TrainerConfig
 from nemo_aligner.engines.base import NonFiniteGradientError, ReduceOp, WeightPlace
 from nemo_aligner.engines.megatron import torch_kernels, weights_io
-from nemo_aligner.engines.megatron.build import build_gpt_model, cuda_placements_on_cpu
+from nemo_aligner.engines.megatron.build import build_gpt_model, compile_with_static_batch, cuda_placements_on_cpu
 from nemo_aligner.engines.megatron.generation import generate
 from nemo_aligner.engines.megatron.layout import MegatronLayout, check_layout
 from nemo_aligner.engines.megatron.schedule import forward_backward, same_length
@@ -80,9 +80,9 @@ class MegatronEngine:
         for index, chunk in enumerate(self.chunks):
             weights_io.load_local(chunk, source, hf_config, layout, layer_offset=layout.layer_offset(hf_config, index))
             chunk.to(device).eval()  # dropout is 0 in the config; eval keeps every path deterministic
-            if compile_layers:  # each decoder layer compiled in place: one graph, no breaks (build.RowParallelLinearWithGroup)
+            if compile_layers:  # each decoder layer whole: no graph breaks (build.RowParallelLinearWithGroup)
                 for layer in chunk.decoder.layers:
-                    layer.compile()
+                    compile_with_static_batch(layer)
             with cuda_placements_on_cpu():
                 self.ddp.append(DistributedDataParallel(chunk.config, ddp_config, chunk))
         self.optimizer = None
