@@ -1,8 +1,9 @@
 """Decoder layers alone, forward + backward, each layer compiled, at the DPO benchmark's shape (16 rows x 512
 tokens, Qwen2.5-0.5B widths, bf16): megatron's layer as the megatron engine builds it (RoPE from cos/sin
 tables, SwiGLU through build.swiglu), the same layer with megatron's own RoPE (the angles in, cos and sin
-taken in every layer) and its own GLU (a chunk, whose backward is a concatenation), and transformers' Qwen2 layer (what the torch_native engine runs). Separates the layers' own cost from the rest
-of a training step (optimizer, log-probs, recompiles) when the two engines' steps differ.
+taken in every layer) and its own GLU (a chunk, whose backward is a concatenation), and transformers'
+Qwen2 layer (what the torch_native engine runs). Separates the layers' own cost from the rest of a
+training step (optimizer, log-probs, recompiles) when the two engines' steps differ.
 
     python benchmarks/megatron_layers.py --out benchmarks/results/megatron_layers_h200.json --kernels DIR
 
@@ -10,8 +11,8 @@ Prints and writes ms per layer (forward + backward, after warm-up); with --kerne
 device kernels (three profiled iterations) as DIR/layers_<variant>_kernels.txt. With --first-rows N the
 layers first run once on N rows, as a training run's reference pass in another micro-batch size does:
 dynamo then compiles transformers' layers again with a dynamic batch dimension, and megatron's (compiled
-as the engine compiles them, build.compile_with_static_batch) once more for the new static batch. On CPU (no CUDA) it runs a small shape
-over gloo, for a check of the script itself.
+as the engine compiles them, build.compile_with_static_batch) once more for the new static batch. On CPU
+(no CUDA) it runs a small shape over gloo, for a check of the script itself.
 """
 
 from __future__ import annotations

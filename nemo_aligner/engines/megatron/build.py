@@ -89,7 +89,8 @@ class SwiGLU(torch.autograd.Function):
     backward computes both halves of the input's gradient from one read of gate, up and the output's
     gradient and writes them into the two halves of one tensor; the autograd of megatron's chunk instead
     ends in a concatenation, which inductor lowers to a kernel that reads gate and the gradient again for
-    the second half (165 against 92 us a layer on an H200 at the DPO benchmark's shape)."""
+    the second half. On an H200 at the DPO benchmark's shape the backward kernel takes 127 us a layer
+    (megatron's 160, transformers' two separate projections 92)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
