@@ -188,7 +188,8 @@ def successor_walks(rows: int, length: int, successor: torch.Tensor, gen: torch.
 def train_on_successor_walks(policy: GPTModel, steps: int, length: int, successor: torch.Tensor,
                              gen: torch.Generator) -> dict:
     """Train the policy `steps` steps (16 rows each) to continue successor walks, so that its next-token
-    choices are confident; returns the last step's loss and the mean probability it gives the right token."""
+    choices are confident; returns the last step's loss and exp(−loss), the geometric mean of the
+    probability it gives the right token."""
     policy.setup_optimizer(max_steps=steps)
     for _ in range(steps):
         ids = successor_walks(16, length, successor, gen)

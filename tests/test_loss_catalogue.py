@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nemo_aligner.config.dpo import DPOLossConfig, PreferenceLossParams
-from nemo_aligner.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, STEP_LEVEL, PreferencePairs,
+from nemo_aligner.losses.preference import (PAIR_TENSORS, PREFERENCE_LOSSES, REFERENCE_FREE, STEP_LEVEL, PreferencePairs,
                                             build_preference_terms, combined_preference_loss, split_loss)
 
 BETA = 0.3
@@ -148,9 +148,7 @@ def test_aot_losses_are_the_order_statistics_of_the_whole_step_whatever_its_micr
                                lengths["r"][rows], torch.zeros(len(index), dtype=torch.float64), averaged=averaged,
                                step=step, step_index=None if step is None else index)
 
-    step = PreferencePairs(**{f: getattr(pairs_of(None), f).detach() for f in (
-        "chosen_logratios", "rejected_logratios", "chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths",
-        "gt_margin")}, averaged=averaged)
+    step = PreferencePairs(**{f: getattr(pairs_of(None), f).detach() for f in PAIR_TENSORS}, averaged=averaged)
     per_token = {side: (policy[side] / scale[side]).detach().tolist() for side in "cr"}
     ref_per_token = {side: (reference[side] / scale[side]).tolist() for side in "cr"}
     ratios = {side: [p - q for p, q in zip(per_token[side], ref_per_token[side])] for side in "cr"}

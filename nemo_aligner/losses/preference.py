@@ -81,7 +81,8 @@ class PreferencePairs:
         """(every pair of the step, these pairs' indices in it); these pairs alone where no step was given."""
         if self.step is None or self.step_index is None:
             detached = {f: getattr(self, f).detach() for f in PAIR_TENSORS}
-            return PreferencePairs(**detached, averaged=self.averaged), torch.arange(len(self.gt_margin), device=self.gt_margin.device)
+            return (PreferencePairs(**detached, averaged=self.averaged),
+                    torch.arange(len(self.gt_margin), device=self.gt_margin.device))
         return self.step, self.step_index
 
 

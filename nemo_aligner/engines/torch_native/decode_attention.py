@@ -46,10 +46,10 @@ def grouped_one_token_attention(query: torch.Tensor, key: torch.Tensor, value: t
     causality between them, one mask row for all), so each cached key and value is read once. The
     attention is written out: two batched matmuls and a softmax that torch.compile fuses, the scores
     accumulated and kept in fp32 as SDPA's kernels keep them (_fp32_scores), the probabilities then in
-    the compute dtype. Masked SDPA
-    would instead need transformers' repeat_kv (a copy of the cache per query head), and compiled it
-    lowers to cuDNN with a copy of its inputs in every layer of every step: 200 us per layer at 256
-    rows on an H200 (72 us of copy, 127 us of cuDNN), three quarters of the decode step."""
+    the compute dtype. Masked SDPA would instead need transformers' repeat_kv (a copy of the cache per
+    query head), and compiled it lowers to cuDNN with a copy of its inputs in every layer of every step:
+    200 us per layer at 256 rows on an H200 (72 us of copy, 127 us of cuDNN), three quarters of the
+    decode step."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     folded = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h = kv * (H / H_kv) + g, as repeat_kv
